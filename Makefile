@@ -1,0 +1,53 @@
+# dml: make help lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PYTHON := $(VENV)/bin/python
+DATA   ?= mnist
+ARGS   ?=
+CKPT   ?=
+# faiss-gpu where a GPU answers, faiss-cpu otherwise (never both in one venv).
+EXTRAS ?= $(shell nvidia-smi >/dev/null 2>&1 && echo dev,gpu || echo dev,cpu)
+
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install train evaluate test test-all lint format clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@echo "  variables: DATA=$(DATA) ARGS='<hydra overrides>' CKPT=<checkpoint> EXTRAS=$(EXTRAS)"
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv and install dml with dev tools and faiss (gpu or cpu)
+
+train: $(VENV)/.installed ## Train: make train DATA=mnist ARGS="loss.antico_weight=0.5 trainer.max_epochs=20"
+	$(PYTHON) train.py dataset=$(DATA) $(ARGS)
+
+evaluate: $(VENV)/.installed ## Evaluate a checkpoint: make evaluate CKPT=logs/train/runs/<run>/checkpoints/last.ckpt
+	@test -n "$(CKPT)" || { echo "error: give CKPT=<path to a .ckpt written by make train>"; exit 2; }
+	$(PYTHON) evaluate.py ckpt_path=$(CKPT) $(ARGS)
+
+test: $(VENV)/.installed ## Run the fast test tier (what CI runs)
+	WANDB_MODE=offline $(PYTHON) -m pytest -q
+
+test-all: $(VENV)/.installed ## Run every test tier but gpu ones without a GPU (slow included)
+	WANDB_MODE=offline $(PYTHON) -m pytest -q -m "not gpu or gpu"
+
+lint: $(VENV)/.installed ## Lint and check formatting with ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean: ## Remove run outputs and caches (keeps .venv)
+	rm -rf logs outputs multirun wandb .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,173 @@
+"""Exact k-nearest-neighbour search and retrieval metrics on L2-normalised embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+Backend = Literal["auto", "torch", "faiss"]
+
+# Bytes of similarity scores one chunk of queries may hold; bounds memory on SOP-sized sets.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def knn(
+    query: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    k: int = 1,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Indices of the ``k`` most similar reference rows (inner product) for each query, best first.
+
+    Args:
+        query: (n, d) embeddings.
+        reference: (m, d) embeddings; ``None`` searches ``query`` against itself and excludes each query
+            from its own neighbours by index.
+        k: neighbours per query (at most m, or n - 1 when searching a set against itself).
+        backend: ``torch`` (chunked matmul + top-k), ``faiss`` (exact flat index) or ``auto`` (faiss if
+            installed).
+
+    Returns:
+        (n, k) int64 indices into the reference rows, on the CPU.
+    """
+    same = reference is None
+    ref = query if same else reference
+    k = min(k, ref.shape[0] - int(same))
+    if k <= 0:
+        return torch.empty(query.shape[0], 0, dtype=torch.long)
+    if backend == "auto":
+        backend = "faiss" if faiss_available() else "torch"
+    if backend == "faiss":
+        return _knn_faiss(query, ref, k, same)
+    if backend == "torch":
+        return _knn_torch(query, ref, k, same)
+    raise ValueError(f"kNN backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+
+
+def _knn_torch(query: torch.Tensor, ref: torch.Tensor, k: int, same: bool) -> torch.Tensor:
+    query, ref = query.float(), ref.float().to(query.device)
+    chunk = max(1, _CHUNK_BYTES // (4 * ref.shape[0]))
+    out = []
+    for start in range(0, query.shape[0], chunk):
+        sims = query[start : start + chunk] @ ref.T
+        if same:
+            rows = torch.arange(sims.shape[0], device=sims.device)
+            sims[rows, rows + start] = float("-inf")
+        out.append(sims.topk(k, dim=1).indices.cpu())
+    return torch.cat(out)
+
+
+def _knn_faiss(query: torch.Tensor, ref: torch.Tensor, k: int, same: bool) -> torch.Tensor:
+    import faiss
+
+    q = np.ascontiguousarray(query.detach().float().cpu().numpy())
+    r = q if same else np.ascontiguousarray(ref.detach().float().cpu().numpy())
+    index = faiss.IndexFlatIP(r.shape[1])
+    index.add(r)
+    _, idx = index.search(q, k + int(same))
+    idx = torch.from_numpy(idx).long()
+    if same:
+        keep = idx != torch.arange(idx.shape[0])[:, None]
+        # A query not found among its own k+1 (ties with duplicates) loses its last neighbour instead.
+        keep[keep.all(dim=1), -1] = False
+        idx = idx[keep].view(idx.shape[0], k)
+    return idx
+
+
+def recall_at_k(neighbour_labels: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """Fraction of queries with a same-class item among their K nearest, for each K in ``ks``.
+
+    Args:
+        neighbour_labels: (n, k) labels of each query's neighbours, best first (k >= max(ks)).
+        labels: (n,) query labels.
+    """
+    hits = neighbour_labels == labels[:, None]
+    return {f"recall@{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def map_at_r(neighbour_labels: torch.Tensor, labels: torch.Tensor, r: torch.Tensor) -> dict[str, float]:
+    """MAP@R and R-Precision (Musgrave et al. 2020), R = number of other same-class reference items.
+
+    Args:
+        neighbour_labels: (n, k) neighbour labels, best first, with k >= max(r).
+        labels: (n,) query labels.
+        r: (n,) R per query; queries with R = 0 have nothing to retrieve and are left out.
+    """
+    valid = r > 0
+    if not valid.any():
+        return {"map@r": float("nan"), "r_precision": float("nan")}
+    nl, lab, r = neighbour_labels[valid], labels[valid], r[valid]
+    width = int(r.max())
+    rel = (nl[:, :width] == lab[:, None]).float()
+    within = (torch.arange(width)[None, :] < r[:, None]).float()
+    rel = rel * within
+    precision_at_i = rel.cumsum(dim=1) / torch.arange(1, width + 1)[None, :]
+    rf = r.float()
+    return {
+        "map@r": ((precision_at_i * rel).sum(dim=1) / rf).mean().item(),
+        "r_precision": (rel.sum(dim=1) / rf).mean().item(),
+    }
+
+
+def retrieval_metrics(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    reference: torch.Tensor | None = None,
+    reference_labels: torch.Tensor | None = None,
+    backend: Backend = "auto",
+    nmi: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Recall@K, MAP@R, R-Precision and NMI of a retrieval split.
+
+    Args:
+        embeddings: (n, d) L2-normalised query embeddings.
+        labels: (n,) query class labels.
+        ks: the K of Recall@K.
+        reference, reference_labels: a separate gallery (In-Shop's query/gallery protocol). Without it,
+            each query searches the other n - 1 items.
+        backend: kNN backend, see :func:`knn`.
+        nmi: also cluster the query embeddings with k-means and report NMI.
+        seed: k-means seed, so that evaluation is repeatable.
+
+    Returns:
+        {"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ...} as floats in [0, 1].
+    """
+    labels = labels.cpu().long()
+    if embeddings.shape[0] != labels.shape[0]:
+        raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} labels")
+    if embeddings.shape[0] == 0:
+        raise ValueError("retrieval_metrics got no embeddings")
+    if reference is None:
+        ref_labels = labels
+        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        r = counts[inverse] - 1
+    else:
+        if reference_labels is None:
+            raise ValueError("reference given without reference_labels")
+        ref_labels = reference_labels.cpu().long()
+        classes, counts = torch.unique(ref_labels, return_counts=True)
+        pos = torch.searchsorted(classes, labels).clamp(max=len(classes) - 1)
+        r = torch.where(classes[pos] == labels, counts[pos], torch.zeros_like(labels))
+    k = max(max(ks), int(r.max()))
+    neighbours = knn(embeddings, reference, k=k, backend=backend)
+    neighbour_labels = ref_labels[neighbours]
+    out = recall_at_k(neighbour_labels, labels, ks)
+    out.update(map_at_r(neighbour_labels, labels, r))
+    if nmi:
+        from dml.evaluation.clustering import nmi_score
+
+        out["nmi"] = nmi_score(embeddings, labels, seed=seed)
+    return out

@@ -1,0 +1,87 @@
+"""Proxy-based losses and the class-proxy bank they share with AntiCo's proxy variants."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ProxyBank(nn.Module):
+    """One learnable proxy per training class, shape (num_classes, embedding_size).
+
+    Initialised kaiming-normal (fan_out) as in the Proxy-Anchor paper. One bank per model is shared by
+    every proxy-based term, so Proxy-Anchor and AntiCo's proxy variants move the same vectors.
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int):
+        super().__init__()
+        if num_classes < 1 or embedding_size < 1:
+            raise ValueError(f"ProxyBank needs num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}")
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def normalized(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised proxies, all of them or the rows ``classes``; shape (m, d)."""
+        w = self.weight if classes is None else self.weight[classes]
+        return F.normalize(w, dim=1)
+
+
+def masked_logsumexp_plus_one(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """log(1 + sum over ``mask`` of exp(logits)) along ``dim``, stable in low precision.
+
+    The "1 +" is a zero logit appended to the reduction; masked-out entries contribute nothing.
+    """
+    neg_inf = torch.finfo(logits.dtype).min
+    masked = logits.masked_fill(~mask, neg_inf)
+    zero = torch.zeros_like(masked.narrow(dim, 0, 1))
+    return torch.logsumexp(torch.cat([masked, zero], dim=dim), dim=dim)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for a proxy loss with {num_classes} classes, "
+            f"got range [{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+class ProxyAnchorLoss(nn.Module):
+    """Proxy-Anchor loss (Kim et al., CVPR 2020).
+
+    L = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x,p) - delta)))
+      + 1/|P|  sum_{p in P}  log(1 + sum_{x in X_p-} exp( alpha (s(x,p) + delta)))
+    with s the cosine similarity, P+ the proxies with a positive in the batch and P all proxies.
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        embedding_size: int | None = None,
+        alpha: float = 32.0,
+        delta: float = 0.1,
+        proxies: ProxyBank | None = None,
+    ):
+        super().__init__()
+        if proxies is None:
+            if num_classes is None or embedding_size is None:
+                raise ValueError("ProxyAnchorLoss needs a proxy bank, or num_classes and embedding_size to make one")
+            proxies = ProxyBank(num_classes, embedding_size)
+        self.proxies, self.alpha, self.delta = proxies, alpha, delta
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Args: embeddings (B, d); labels (B,) in [0, C). Returns a scalar."""
+        num_classes = self.proxies.num_classes
+        _check_labels(labels, num_classes)
+        proxies = self.proxies.normalized()
+        # float32 logits: alpha * cos reaches 64 and exp of that overflows half precision.
+        cos = F.normalize(embeddings.float(), dim=1) @ proxies.float().T  # (B, C)
+        pos = F.one_hot(labels, num_classes).bool()
+        pos_term = masked_logsumexp_plus_one(-self.alpha * (cos - self.delta), pos, dim=0)  # (C,)
+        neg_term = masked_logsumexp_plus_one(self.alpha * (cos + self.delta), ~pos, dim=0)  # (C,)
+        with_pos = pos.any(dim=0)
+        return pos_term[with_pos].sum() / with_pos.sum().clamp(min=1) + neg_term.sum() / num_classes

@@ -1,0 +1,158 @@
+"""DMLModule: backbone + embedding head + composite loss, with retrieval evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from dml.evaluation import retrieval_metrics
+from dml.losses import CompositeLoss
+
+PARAM_GROUPS = ("backbone", "head", "loss")
+
+
+class DMLModule(L.LightningModule):
+    """Trains L2-normalised embeddings with a composite loss; validates and tests by retrieval.
+
+    Args:
+        backbone: image -> (B, F) features, with ``num_features``.
+        head: (B, F) -> (B, d) unit-norm embeddings.
+        loss: the training loss; its parameters (proxies, ...) form their own optimizer group.
+        optimizer: a partial optimizer (``_partial_: true``) whose ``lr`` is the base learning rate.
+        scheduler: a partial lr scheduler taking the optimizer, or ``None``.
+        lr_mult: learning-rate multiplier per parameter group (backbone, head, loss).
+        loss_weight_decay: weight decay of the loss-owned parameters; ``None`` keeps the optimizer's.
+        warmup_epochs: epochs during which the backbone is frozen and only head and loss train.
+        recall_ks: the K of Recall@K.
+        knn_backend: ``auto``, ``torch`` or ``faiss``.
+        nmi: compute NMI at evaluation.
+        run_config: the resolved run config, stored in checkpoints so ``evaluate.py`` can rebuild the model.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        loss: CompositeLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        lr_mult: Mapping[str, float] | None = None,
+        loss_weight_decay: float | None = None,
+        warmup_epochs: int = 0,
+        recall_ks: Sequence[int] = (1, 2, 4, 8),
+        knn_backend: str = "auto",
+        nmi: bool = True,
+        run_config: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.backbone, self.head, self.loss = backbone, head, loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.lr_mult = {g: 1.0 for g in PARAM_GROUPS} | dict(lr_mult or {})
+        unknown = set(self.lr_mult) - set(PARAM_GROUPS)
+        if unknown:
+            raise ValueError(f"model.lr_mult has unknown groups {sorted(unknown)}; use {list(PARAM_GROUPS)}")
+        self.loss_weight_decay, self.warmup_epochs = loss_weight_decay, warmup_epochs
+        self.recall_ks, self.knn_backend, self.nmi = list(recall_ks), knn_backend, nmi
+        self.run_config = dict(run_config) if run_config is not None else None
+        self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.test_results: dict[str, float] = {}
+
+    # --- forward ----------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, d) unit-norm embeddings."""
+        return self.head(self.backbone(images))
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.current_epoch < self.warmup_epochs
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images, labels, _ = batch
+        if self.in_warmup and self.trainer.world_size == 1:
+            with torch.no_grad():  # frozen backbone: skip its backward pass entirely
+                features = self.backbone(images)
+            embeddings = self.head(features)
+        else:
+            embeddings = self(images)
+        out = self.loss(embeddings, labels)
+        batch_size = images.shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
+        for name in self.loss.terms:
+            self.log(f"train/loss/{name}", out[name], batch_size=batch_size)
+        return out["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.in_warmup:
+            # Under DDP the backbone still runs backward (every rank must reduce the same parameters);
+            # dropping its gradients keeps the optimizer from touching it, weight decay included.
+            for p in self.backbone.parameters():
+                p.grad = None
+
+    # --- evaluation -------------------------------------------------------------------------------------
+    def _collect(self, batch: tuple[torch.Tensor, ...]) -> None:
+        images, labels, index = batch
+        self._eval_outputs.append((self(images).float(), labels, index))
+
+    def _evaluate(self, stage: str) -> dict[str, float]:
+        embeddings, labels, index = (torch.cat(t) for t in zip(*self._eval_outputs, strict=True))
+        self._eval_outputs.clear()
+        if self.trainer.world_size > 1:
+            # The distributed sampler pads the split with repeats; keep one copy per item.
+            embeddings, labels, index = (self.all_gather(t).flatten(0, 1) for t in (embeddings, labels, index))
+            index, first = _first_occurrence(index)
+            embeddings, labels = embeddings[first], labels[first]
+        order = torch.argsort(index)
+        metrics = retrieval_metrics(
+            embeddings[order], labels[order], ks=self.recall_ks, backend=self.knn_backend, nmi=self.nmi
+        )
+        metrics = {f"{stage}/{k}": v for k, v in metrics.items()}
+        self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
+        return metrics
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._eval_outputs:
+            self._evaluate("val")
+
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def on_test_epoch_end(self) -> None:
+        if self._eval_outputs:
+            self.test_results = self._evaluate("test")
+
+    # --- optimisation -----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        base_lr = self.optimizer_factory.keywords.get("lr") if hasattr(self.optimizer_factory, "keywords") else None
+        if base_lr is None:
+            raise ValueError("the optimizer config must set lr (optimizer.lr)")
+        groups = []
+        for name in PARAM_GROUPS:
+            params = [p for p in getattr(self, name).parameters() if p.requires_grad]
+            if not params:
+                continue
+            group = {"params": params, "lr": base_lr * self.lr_mult[name], "name": name}
+            if name == "loss" and self.loss_weight_decay is not None:
+                group["weight_decay"] = self.loss_weight_decay
+            groups.append(group)
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dml_config"] = self.run_config
+
+
+def _first_occurrence(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique values of ``index`` and the position of each one's first occurrence."""
+    unique, inverse = torch.unique(index, return_inverse=True)
+    positions = torch.arange(index.numel(), device=index.device)
+    first = torch.full_like(unique, index.numel()).scatter_reduce(0, inverse, positions, reduce="amin")
+    return unique, first

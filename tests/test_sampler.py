@@ -1,0 +1,74 @@
+from collections import Counter
+
+import pytest
+import torch
+
+from dml.data import ClassBalancedBatchSampler
+from dml.errors import UserError
+
+
+def make_labels(sizes):
+    return torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+
+
+def batches(sampler, epoch=0):
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_every_batch_is_p_classes_by_k_samples():
+    labels = make_labels([7, 12, 3, 9, 20, 5, 8])
+    sampler = ClassBalancedBatchSampler(labels, classes_per_batch=4, samples_per_class=3, seed=1)
+    out = batches(sampler)
+    assert len(out) == len(sampler) == len(labels) // 12
+    for batch in out:
+        counts = Counter(labels[batch].tolist())
+        assert len(counts) == 4
+        assert set(counts.values()) == {3}
+
+
+def test_items_are_covered_before_repeating():
+    labels = make_labels([6] * 5)
+    sampler = ClassBalancedBatchSampler(labels, classes_per_batch=5, samples_per_class=6, num_batches=1)
+    (batch,) = batches(sampler)
+    assert sorted(batch) == list(range(30))  # each class gives its whole pool once
+
+
+def test_reproducible_per_seed_and_new_each_epoch():
+    labels = make_labels([10] * 8)
+    a = ClassBalancedBatchSampler(labels, 4, 2, seed=3)
+    b = ClassBalancedBatchSampler(labels, 4, 2, seed=3)
+    c = ClassBalancedBatchSampler(labels, 4, 2, seed=4)
+    assert batches(a, 0) == batches(b, 0)
+    assert batches(a, 0) != batches(a, 1)
+    assert batches(a, 0) != batches(c, 0)
+    assert batches(a, 5) == batches(b, 5)
+
+
+def test_ranks_get_disjoint_classes_that_make_up_the_global_batch():
+    labels = make_labels([9] * 12)
+    world = 3
+    single = batches(ClassBalancedBatchSampler(labels, 6, 3, seed=7))
+    per_rank = [batches(ClassBalancedBatchSampler(labels, 6, 3, seed=7, num_replicas=world, rank=r)) for r in range(world)]
+    assert all(len(r) == len(single) for r in per_rank)
+    for step, global_batch in enumerate(single):
+        parts = [per_rank[r][step] for r in range(world)]
+        classes = [set(labels[p].tolist()) for p in parts]
+        assert all(len(c) == 2 for c in classes)
+        assert not (classes[0] & classes[1] or classes[0] & classes[2] or classes[1] & classes[2])
+        assert sum(parts, []) == global_batch
+
+
+def test_small_classes_repeat_items_to_fill_k():
+    labels = make_labels([2, 2, 2])
+    (batch,) = batches(ClassBalancedBatchSampler(labels, 3, 4, num_batches=1))
+    assert Counter(labels[batch].tolist()) == {0: 4, 1: 4, 2: 4}
+
+
+@pytest.mark.parametrize(
+    ("p", "k", "world", "match"),
+    [(5, 2, 1, "needs 5 classes"), (4, 2, 3, "cannot be split evenly"), (2, 0, 1, "at least 1")],
+)
+def test_impossible_settings_say_what_to_change(p, k, world, match):
+    with pytest.raises(UserError, match=match):
+        ClassBalancedBatchSampler(make_labels([4] * 4), p, k, num_replicas=world)
