@@ -46,7 +46,9 @@ def compose_cfg(tmp_path):
     return lambda overrides=(), name="train": compose_config(list(overrides), tmp_path, name)
 
 
-def run_entry(script: str, args: list[str], cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_entry(
+    script: str, args: list[str], cwd: Path = ROOT, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``train.py`` or ``evaluate.py`` in a fresh interpreter, as a user would."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     return subprocess.run(

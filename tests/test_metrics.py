@@ -87,8 +87,15 @@ def test_torch_and_faiss_backends_agree():
 def test_query_reference_form():
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     ref = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.7, 0.7]])
-    m = retrieval_metrics(q, torch.tensor([0, 0]), ks=(1, 2), reference=F.normalize(ref, dim=1),
-                          reference_labels=torch.tensor([0, 1, 0]), backend="torch", nmi=False)
+    m = retrieval_metrics(
+        q,
+        torch.tensor([0, 0]),
+        ks=(1, 2),
+        reference=F.normalize(ref, dim=1),
+        reference_labels=torch.tensor([0, 1, 0]),
+        backend="torch",
+        nmi=False,
+    )
     # q0 -> ref0 (hit). q1 -> ref1 (miss), then ref2 (hit). R = 2 for both.
     assert m["recall@1"] == pytest.approx(0.5)
     assert m["recall@2"] == pytest.approx(1.0)
@@ -102,8 +109,14 @@ def test_nmi_is_one_for_separated_clusters_and_repeatable():
     a = retrieval_metrics(F.normalize(x, dim=1), y, nmi=True, backend="torch")
     assert a["nmi"] == pytest.approx(1.0)
     noisy = torch.randn(100, 4)
-    assert retrieval_metrics(noisy, y, backend="torch")["nmi"] == retrieval_metrics(noisy, y, backend="torch")["nmi"]
+    assert (
+        retrieval_metrics(noisy, y, backend="torch")["nmi"]
+        == retrieval_metrics(noisy, y, backend="torch")["nmi"]
+    )
 
 
 def test_recall_at_k_direct():
-    assert recall_at_k(torch.tensor([[1, 0], [1, 1]]), torch.tensor([0, 0]), (1, 2)) == {"recall@1": 0.0, "recall@2": 0.5}
+    assert recall_at_k(torch.tensor([[1, 0], [1, 1]]), torch.tensor([0, 0]), (1, 2)) == {
+        "recall@1": 0.0,
+        "recall@2": 0.5,
+    }

@@ -49,7 +49,10 @@ def test_ranks_get_disjoint_classes_that_make_up_the_global_batch():
     labels = make_labels([9] * 12)
     world = 3
     single = batches(ClassBalancedBatchSampler(labels, 6, 3, seed=7))
-    per_rank = [batches(ClassBalancedBatchSampler(labels, 6, 3, seed=7, num_replicas=world, rank=r)) for r in range(world)]
+    per_rank = [
+        batches(ClassBalancedBatchSampler(labels, 6, 3, seed=7, num_replicas=world, rank=r))
+        for r in range(world)
+    ]
     assert all(len(r) == len(single) for r in per_rank)
     for step, global_batch in enumerate(single):
         parts = [per_rank[r][step] for r in range(world)]

@@ -46,4 +46,6 @@ def wandb_logger(
             "W&B runs offline (no credentials, or WANDB_MODE=offline). Upload later with: wandb sync %s/wandb/offline-run-*",
             save_dir,
         )
-    return WandbLogger(project=project, save_dir=save_dir, group=group, tags=list(tags), name=name, offline=offline, **kwargs)
+    return WandbLogger(
+        project=project, save_dir=save_dir, group=group, tags=list(tags), name=name, offline=offline, **kwargs
+    )

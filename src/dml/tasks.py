@@ -51,14 +51,14 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def _metrics_table(title: str, metrics: dict[str, float]) -> str:
-    table = Table(title=title)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}")
     console = Console(width=100, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - rendered to text only
     console.print(table)
-    return console.export_text()
+    return f"{title}\n{console.export_text()}"
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -86,12 +86,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.get("test"):
             if not best:
-                log.info("no checkpoint was saved (fast_dev_run or no checkpoint callback): testing the final weights")
-            trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+                log.info(
+                    "no checkpoint was saved (fast_dev_run or no checkpoint callback): testing the final weights"
+                )
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
             metrics.update(module.test_results)
             log.info(
                 "%s",
-                _metrics_table(f"test ({datamodule.name}, unseen classes) - checkpoint {Path(best).name or 'final'}", module.test_results),
+                _metrics_table(
+                    f"test ({datamodule.name}, unseen classes) - checkpoint {Path(best).name or 'final'}",
+                    module.test_results,
+                ),
             )
         if best:
             log.info("best checkpoint: %s", best)
@@ -109,11 +114,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _checkpoint_config(ckpt_path: Path) -> tuple[DictConfig, dict[str, Any]]:
     if not ckpt_path.is_file():
-        raise UserError(f"checkpoint {ckpt_path} not found; pass ckpt_path=<path to a .ckpt written by train.py>")
+        raise UserError(
+            f"checkpoint {ckpt_path} not found; pass ckpt_path=<path to a .ckpt written by train.py>"
+        )
     try:
         payload = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any load failure means the file is not a usable checkpoint
-        raise UserError(f"{ckpt_path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise UserError(
+            f"{ckpt_path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(payload, dict) or not payload.get("dml_config") or "state_dict" not in payload:
         raise UserError(
             f"{ckpt_path} is not a checkpoint written by dml's train.py (it has no dml_config); "
@@ -152,8 +161,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             + "\n"
             + "\n".join(line for line in str(e).splitlines()[1:3])
         ) from e
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], default_root_dir=cfg.paths.output_dir)
-    trainer.test(module, datamodule=datamodule)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=[], default_root_dir=cfg.paths.output_dir
+    )
+    trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = module.test_results
     log.info("%s", _metrics_table(f"test ({datamodule.name}, unseen classes) - {ckpt_path.name}", metrics))
     out = ckpt_path.parent / "metrics.json"

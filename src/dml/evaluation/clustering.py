@@ -7,7 +7,9 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
 
-def nmi_score(embeddings: torch.Tensor, labels: torch.Tensor, num_clusters: int | None = None, seed: int = 0) -> float:
+def nmi_score(
+    embeddings: torch.Tensor, labels: torch.Tensor, num_clusters: int | None = None, seed: int = 0
+) -> float:
     """NMI of k-means clusters against ``labels``.
 
     Args:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,6 +16,7 @@ _CHUNK_BYTES = 256 * 2**20
 
 
 def faiss_available() -> bool:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports every CPU-feature probe at INFO
     try:
         import faiss  # noqa: F401
     except ImportError:

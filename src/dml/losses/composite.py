@@ -12,7 +12,6 @@ from torch import nn
 from dml.losses.proxy import ProxyBank
 
 
-
 class CompositeLoss(nn.Module):
     """L = sum_t weight_t * term_t(embeddings, labels).
 
@@ -58,7 +57,9 @@ class CompositeLoss(nn.Module):
         if isinstance(loss, nn.Module):
             return loss
         if not callable(loss):
-            raise TypeError(f"loss term {name!r}: expected a module or a partial constructor, got {type(loss).__name__}")
+            raise TypeError(
+                f"loss term {name!r}: expected a module or a partial constructor, got {type(loss).__name__}"
+            )
         params = inspect.signature(loss).parameters
         given = {"num_classes": self.num_classes, "embedding_size": self.embedding_size}
         kwargs = {k: v for k, v in given.items() if k in params}

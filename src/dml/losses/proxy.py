@@ -17,7 +17,9 @@ class ProxyBank(nn.Module):
     def __init__(self, num_classes: int, embedding_size: int):
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
-            raise ValueError(f"ProxyBank needs num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}")
+            raise ValueError(
+                f"ProxyBank needs num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}"
+            )
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.kaiming_normal_(self.weight, mode="fan_out")
 
@@ -69,7 +71,9 @@ class ProxyAnchorLoss(nn.Module):
         super().__init__()
         if proxies is None:
             if num_classes is None or embedding_size is None:
-                raise ValueError("ProxyAnchorLoss needs a proxy bank, or num_classes and embedding_size to make one")
+                raise ValueError(
+                    "ProxyAnchorLoss needs a proxy bank, or num_classes and embedding_size to make one"
+                )
             proxies = ProxyBank(num_classes, embedding_size)
         self.proxies, self.alpha, self.delta = proxies, alpha, delta
 

@@ -80,15 +80,21 @@ class TimmBackbone(Backbone):
             close = timm.list_models(f"*{name}*")[:10]
             hint = f" Close matches: {', '.join(close)}." if close else ""
             raise UserError(f"backbone.name={name!r} is not a timm model.{hint}")
-        kwargs = dict(num_classes=0, global_pool="", in_chans=in_chans)
+        kwargs = dict(num_classes=0, in_chans=in_chans)
         if pretrained_file:
             path = Path(pretrained_file).expanduser()
             if not path.is_file():
-                raise UserError(f"backbone.pretrained_file={pretrained_file!r} does not exist; give the path of a weights file")
+                raise UserError(
+                    f"backbone.pretrained_file={pretrained_file!r} does not exist; give the path of a weights file"
+                )
             try:
-                self.model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+                self.model = timm.create_model(
+                    name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+                )
             except Exception as e:  # noqa: BLE001 - any load failure is the file's fault here
-                raise UserError(f"could not load backbone.pretrained_file={pretrained_file!r} into {name}: {e}") from e
+                raise UserError(
+                    f"could not load backbone.pretrained_file={pretrained_file!r} into {name}: {e}"
+                ) from e
         elif pretrained:
             try:
                 self.model = timm.create_model(name, pretrained=True, **kwargs)
@@ -125,10 +131,18 @@ class SmallCNN(Backbone):
             )
 
         self.features = nn.Sequential(
-            block(in_chans, width), nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2), block(2 * width, 4 * width)
+            block(in_chans, width),
+            nn.MaxPool2d(2),
+            block(width, 2 * width),
+            nn.MaxPool2d(2),
+            block(2 * width, 4 * width),
         )
         self.num_features = 4 * width
-        self.data_config = {"input_size": (in_chans, 28, 28), "mean": (0.1307,) * in_chans, "std": (0.3081,) * in_chans}
+        self.data_config = {
+            "input_size": (in_chans, 28, 28),
+            "mean": (0.1307,) * in_chans,
+            "std": (0.3081,) * in_chans,
+        }
         if freeze_bn:
             self._freeze_bn_params()
 

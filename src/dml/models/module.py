@@ -102,7 +102,9 @@ class DMLModule(L.LightningModule):
         self._eval_outputs.clear()
         if self.trainer.world_size > 1:
             # The distributed sampler pads the split with repeats; keep one copy per item.
-            embeddings, labels, index = (self.all_gather(t).flatten(0, 1) for t in (embeddings, labels, index))
+            embeddings, labels, index = (
+                self.all_gather(t).flatten(0, 1) for t in (embeddings, labels, index)
+            )
             index, first = _first_occurrence(index)
             embeddings, labels = embeddings[first], labels[first]
         order = torch.argsort(index)
@@ -129,7 +131,9 @@ class DMLModule(L.LightningModule):
 
     # --- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        base_lr = self.optimizer_factory.keywords.get("lr") if hasattr(self.optimizer_factory, "keywords") else None
+        base_lr = (
+            self.optimizer_factory.keywords.get("lr") if hasattr(self.optimizer_factory, "keywords") else None
+        )
         if base_lr is None:
             raise ValueError("the optimizer config must set lr (optimizer.lr)")
         groups = []
@@ -144,7 +148,10 @@ class DMLModule(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dml_config"] = self.run_config

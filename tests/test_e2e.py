@@ -1,0 +1,112 @@
+"""Train and evaluate through the real entry points, in fresh interpreters, as a user would."""
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import FAST_RUN, ROOT, run_entry
+
+
+def out_of(proc):
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    proc = run_entry("train.py", [*FAST_RUN, f"hydra.run.dir={run_dir}", f"paths.log_dir={run_dir}"])
+    assert proc.returncode == 0, out_of(proc)
+    return run_dir, proc
+
+
+def test_train_saves_checkpoints_config_and_logs_every_term(trained):
+    run_dir, proc = trained
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file() and len(list(ckpts.glob("epoch_*.ckpt"))) == 1
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "train.log").is_file()
+    metrics_csv = next(run_dir.glob("csv/version_*/metrics.csv")).read_text().splitlines()[0]
+    for key in ("train/loss", "train/loss/proxy_anchor", "train/loss/antico", "val/recall@1", "val/map@r"):
+        assert key in metrics_csv.split(",")
+    text = out_of(proc)
+    for key in ("test/recall@1", "test/recall@2", "test/recall@4", "test/recall@8", "test/map@r", "test/nmi"):
+        assert key in text
+    assert "best checkpoint:" in text and str(run_dir) in text
+    assert "Traceback" not in text
+
+
+def printed_metrics(text):
+    return dict(re.findall(r"│ (test/\S+)\s+│\s+([0-9.]+) │", text))
+
+
+def test_evaluate_reproduces_the_test_metrics_training_printed(trained, tmp_path):
+    run_dir, proc = trained
+    trained_metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    ckpt = next((run_dir / "checkpoints").glob("epoch_*.ckpt"))
+    ev = run_entry(
+        "evaluate.py", [f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}", "trainer.accelerator=cpu"]
+    )
+    assert ev.returncode == 0, out_of(ev)
+    written = json.loads((ckpt.parent / "metrics.json").read_text())
+    assert written["metrics"] == pytest.approx(trained_metrics, abs=1e-6)
+    assert printed_metrics(out_of(ev)) == printed_metrics(out_of(proc))
+    assert len(printed_metrics(out_of(ev))) == 7
+
+
+def assert_user_error(proc, *needles):
+    text = out_of(proc)
+    assert proc.returncode != 0
+    assert "Traceback" not in text, text
+    for needle in needles:
+        assert needle in text, text
+
+
+def test_checkpoint_of_another_model_is_refused_with_advice(trained, tmp_path):
+    run_dir, _ = trained
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = run_entry("evaluate.py", [f"ckpt_path={ckpt}", "head.out_dim=32", f"hydra.run.dir={tmp_path}"])
+    assert_user_error(proc, "written by a different model", "head.linear.weight")
+    assert (
+        not (ckpt.parent / "metrics.json").exists()
+        or "head" not in (ckpt.parent / "metrics.json").read_text()
+    )
+
+
+def test_not_a_dml_checkpoint(tmp_path):
+    import torch
+
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, path)
+    proc = run_entry("evaluate.py", [f"ckpt_path={path}", f"hydra.run.dir={tmp_path}"])
+    assert_user_error(proc, "not a checkpoint written by dml")
+
+
+def test_missing_dataset_is_one_message(tmp_path):
+    proc = run_entry("train.py", [f"dataset.root={tmp_path}/mnist", f"hydra.run.dir={tmp_path}"])
+    assert_user_error(proc, "error:", "is not a folder", "dataset.root=null")
+
+
+def test_unknown_config_option_is_one_message(tmp_path):
+    proc = run_entry("train.py", ["trainer.max_epoch=3", f"hydra.run.dir={tmp_path}"])
+    assert_user_error(proc, "Could not override 'trainer.max_epoch'")
+    proc = run_entry("train.py", ["loss=nonexistent", f"hydra.run.dir={tmp_path}"])
+    assert_user_error(proc, "Could not find 'loss/nonexistent'", "proxy_anchor_antico")
+
+
+def test_empty_split_is_one_message(tmp_path):
+    proc = run_entry("train.py", ["dataset.test_digits=[]", f"hydra.run.dir={tmp_path}"])
+    assert_user_error(proc, "test split of dataset mnist is empty")
+
+
+def test_wandb_runs_offline_and_says_how_to_sync(tmp_path):
+    proc = run_entry(
+        "train.py", [*FAST_RUN, "logger=wandb", "debug=fast", "test=false", f"hydra.run.dir={tmp_path}"]
+    )
+    assert proc.returncode == 0, out_of(proc)
+    assert "wandb sync" in out_of(proc)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_readme_commands_exist():
+    readme = (ROOT / "README.md").read_text()
+    assert "make train" in readme and "make test" in readme
