@@ -1,0 +1,199 @@
+"""RetrievalDataModule: class-disjoint train / validation / test splits and their loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from dml.data.samplers import ClassBalancedBatchSampler
+from dml.errors import UserError
+from dml.log import get_logger
+
+log = get_logger(__name__)
+
+
+class ImageSource(Protocol):
+    """Random access to the raw images of one split."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Any: ...
+
+
+@dataclass
+class RawSplit:
+    """A split as read from disk: its images and each image's original class id."""
+
+    source: ImageSource
+    class_ids: torch.Tensor
+
+
+class RetrievalSplit(Dataset):
+    """Items (image, label, position) of one split; the position lets DDP evaluation drop duplicates."""
+
+    def __init__(self, source: ImageSource, indices: torch.Tensor, labels: torch.Tensor, transform: Callable | None):
+        self.source, self.indices, self.labels, self.transform = source, indices.long(), labels.long(), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        image = self.source.load(int(self.indices[i]))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[i]), i
+
+    @property
+    def num_classes(self) -> int:
+        return int(torch.unique(self.labels).numel())
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """Base for every benchmark: subclasses read the raw train and test splits, this class does the rest.
+
+    Training labels are remapped to 0..C-1 (proxies index them); evaluation splits keep their class ids.
+    With ``val_classes > 0`` the last ``val_classes`` training classes form a validation split for model
+    selection; otherwise validation runs on the test split, as the papers' protocols do, and the log
+    says so.
+
+    Args:
+        batch_size: global training batch, P classes x K samples.
+        samples_per_class: K.
+        num_train_classes: the number of training classes the config promises (proxies are sized by it);
+            checked against the data.
+        val_classes: training classes held out for validation.
+        eval_batch_size: batch size of the evaluation loaders.
+        num_workers, pin_memory, persistent_workers: DataLoader settings.
+        seed: seed of the batch sampler.
+        recall_ks: the K of Recall@K in this benchmark's protocol.
+    """
+
+    name = "base"
+
+    def __init__(
+        self,
+        batch_size: int = 60,
+        samples_per_class: int = 2,
+        num_train_classes: int | None = None,
+        val_classes: int = 0,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+        recall_ks: Sequence[int] = (1, 2, 4, 8),
+    ):
+        super().__init__()
+        if samples_per_class < 1 or batch_size % samples_per_class:
+            raise UserError(
+                f"dataset.batch_size={batch_size} must be a multiple of dataset.samples_per_class={samples_per_class}"
+            )
+        self.batch_size, self.samples_per_class = batch_size, samples_per_class
+        self.num_train_classes, self.val_classes = num_train_classes, val_classes
+        self.eval_batch_size, self.num_workers, self.seed = eval_batch_size, num_workers, seed
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.recall_ks = list(recall_ks)
+        self.splits: dict[str, RetrievalSplit] = {}
+
+    # --- for subclasses -------------------------------------------------------------------------------
+    def load_raw(self) -> dict[str, RawSplit]:
+        """Read the benchmark: {"train": RawSplit, "test": RawSplit}."""
+        raise NotImplementedError
+
+    def train_label_of(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """Training label of each original class id (identity; MNIST's parity mode overrides it)."""
+        return class_ids
+
+    def transform(self, stage: str) -> Callable | None:
+        """The image transform for ``train`` or evaluation (``eval``)."""
+        return None
+
+    # --- shared ---------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = self.load_raw()
+        train, test = raw["train"], raw["test"]
+        for split_name, split in raw.items():
+            if len(split.class_ids) == 0:
+                raise UserError(
+                    f"the {split_name} split of dataset {self.name} is empty; check the dataset's class settings "
+                    "(e.g. dataset.train_digits / dataset.test_digits) and its files"
+                )
+        classes = torch.unique(train.class_ids)
+        if self.val_classes < 0 or self.val_classes >= len(classes):
+            raise UserError(
+                f"dataset.val_classes={self.val_classes} must be between 0 and {len(classes) - 1} "
+                f"(the training split of {self.name} has {len(classes)} classes)"
+            )
+        val_set = classes[len(classes) - self.val_classes :] if self.val_classes else classes[:0]
+        in_val = torch.isin(train.class_ids, val_set)
+        train_idx, val_idx = torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
+        _, train_labels = torch.unique(self.train_label_of(train.class_ids[train_idx]), return_inverse=True)
+        self.splits["train"] = RetrievalSplit(train.source, train_idx, train_labels, self.transform("train"))
+        if len(val_idx):
+            self.splits["val"] = RetrievalSplit(train.source, val_idx, train.class_ids[val_idx], self.transform("eval"))
+        self.splits["test"] = RetrievalSplit(
+            test.source, torch.arange(len(test.class_ids)), test.class_ids, self.transform("eval")
+        )
+        found = self.splits["train"].num_classes
+        if self.num_train_classes is not None and found != self.num_train_classes:
+            raise UserError(
+                f"dataset.num_train_classes={self.num_train_classes} but the training split of {self.name} has "
+                f"{found} classes; set dataset.num_train_classes={found}"
+            )
+        self.num_train_classes = found
+        log.info(
+            "%s: %s", self.name, ", ".join(f"{k} {len(v)} images / {v.num_classes} classes" for k, v in self.splits.items())
+        )
+        if "val" not in self.splits:
+            log.info("no validation classes held out (dataset.val_classes=0): validation runs on the test split")
+
+    @property
+    def val_split_name(self) -> str:
+        return "val" if "val" in self.splits else "test"
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        sampler = ClassBalancedBatchSampler(
+            self.splits["train"].labels,
+            classes_per_batch=self.batch_size // self.samples_per_class,
+            samples_per_class=self.samples_per_class,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+        )
+        return self._loader(self.splits["train"], batch_sampler=sampler)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        data = self.splits[split]
+        world, rank = self._world()
+        sampler = DistributedSampler(data, world, rank, shuffle=False) if world > 1 else None
+        return self._loader(data, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False)
+
+    def _loader(self, data: Dataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            data,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            **kwargs,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_split_name)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

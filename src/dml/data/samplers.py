@@ -1,0 +1,88 @@
+"""Class-balanced P x K batch sampling, reproducible per seed and rank-aware."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from dml.errors import UserError
+
+
+class ClassBalancedBatchSampler(Sampler[list[int]]):
+    """Yields batches of P classes x K samples each, drawn afresh every epoch.
+
+    Each global batch takes P distinct classes at random; each class gives the next K items of its own
+    shuffled pool, so every item is seen before any repeats (a class smaller than K repeats items). The
+    draw depends only on (seed, epoch): every rank draws the same global batch and keeps its own
+    disjoint share of P / num_replicas classes, so no rank needs to talk to another.
+
+    Args:
+        labels: (N,) class label of each dataset item.
+        classes_per_batch: P, classes per global batch.
+        samples_per_class: K.
+        num_batches: batches per epoch; default N // (P * K), at least 1.
+        seed: base seed; the epoch's generator is seeded with (seed, epoch).
+        num_replicas, rank: the distributed world size and this process's rank.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | torch.Tensor,
+        classes_per_batch: int,
+        samples_per_class: int,
+        num_batches: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        labels = torch.as_tensor(labels).long()
+        self.classes, inverse = torch.unique(labels, return_inverse=True)
+        self.members = [torch.nonzero(inverse == c).flatten().numpy() for c in range(len(self.classes))]
+        p, k = classes_per_batch, samples_per_class
+        if k < 1 or p < 1:
+            raise UserError(f"need at least 1 class and 1 sample per class per batch, got P={p}, K={k}")
+        if p > len(self.classes):
+            raise UserError(
+                f"a batch of {p} classes x {k} samples needs {p} classes but the training split has "
+                f"{len(self.classes)}; lower dataset.batch_size or raise dataset.samples_per_class"
+            )
+        if p % num_replicas:
+            raise UserError(
+                f"{p} classes per batch cannot be split evenly over {num_replicas} processes; choose "
+                f"dataset.batch_size / dataset.samples_per_class divisible by the number of devices"
+            )
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        self.p, self.k, self.seed, self.num_replicas, self.rank = p, k, seed, num_replicas, rank
+        self.num_batches = num_batches or max(1, len(labels) // (p * k))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at each epoch start; the next iteration draws that epoch's batches."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        pools = [rng.permutation(m) for m in self.members]
+        cursor = [0] * len(pools)
+        share = self.p // self.num_replicas
+        for _ in range(self.num_batches):
+            batch_classes = rng.choice(len(pools), size=self.p, replace=False)
+            batch = []
+            for c in batch_classes:
+                taken = []
+                while len(taken) < self.k:
+                    if cursor[c] == len(pools[c]):
+                        pools[c], cursor[c] = rng.permutation(self.members[c]), 0
+                    n = min(self.k - len(taken), len(pools[c]) - cursor[c])
+                    taken.extend(pools[c][cursor[c] : cursor[c] + n].tolist())
+                    cursor[c] += n
+                batch.append(taken)
+            mine = batch[self.rank * share : (self.rank + 1) * share]
+            yield [i for group in mine for i in group]
