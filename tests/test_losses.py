@@ -124,7 +124,7 @@ def test_composite_shares_one_proxy_bank_and_weights_terms():
         num_classes=5,
         embedding_size=8,
     )
-    assert loss.terms["proxy_anchor"].proxies is loss.terms["antico"].proxies
+    assert loss.terms["proxy_anchor"].loss.proxies is loss.terms["antico"].loss.proxies
     assert sum(p.numel() for p in loss.parameters()) == 5 * 8
     x, labels = torch.randn(10, 8), torch.randint(0, 5, (10,))
     out = loss(x, labels)

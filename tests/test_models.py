@@ -65,8 +65,10 @@ def test_param_groups_take_their_lr_multipliers(compose_cfg):
     cfg = compose_cfg(["model.lr_mult.loss=50", "optimizer.lr=0.01"])
     module = build_module(cfg)
     groups = {g["name"]: g for g in module.configure_optimizers()["optimizer"].param_groups}
-    assert groups["backbone"]["lr"] == pytest.approx(0.01) and groups["loss"]["lr"] == pytest.approx(0.5)
-    assert groups["loss"]["params"][0] is module.loss.proxies.weight
+    assert groups["backbone"]["lr"] == pytest.approx(0.01) and groups["loss/proxies"]["lr"] == pytest.approx(
+        0.5
+    )
+    assert groups["loss/proxies"]["params"][0] is module.loss.proxies.weight
 
 
 def test_warmup_keeps_the_backbone_frozen(compose_cfg):

@@ -4,4 +4,10 @@ from dml.data.datamodule import RetrievalDataModule, RetrievalSplit
 from dml.data.datasets import MNISTDataModule, SyntheticDataModule
 from dml.data.samplers import ClassBalancedBatchSampler
 
-__all__ = ["ClassBalancedBatchSampler", "MNISTDataModule", "RetrievalDataModule", "RetrievalSplit", "SyntheticDataModule"]
+__all__ = [
+    "ClassBalancedBatchSampler",
+    "MNISTDataModule",
+    "RetrievalDataModule",
+    "RetrievalSplit",
+    "SyntheticDataModule",
+]

@@ -36,8 +36,15 @@ class RawSplit:
 class RetrievalSplit(Dataset):
     """Items (image, label, position) of one split; the position lets DDP evaluation drop duplicates."""
 
-    def __init__(self, source: ImageSource, indices: torch.Tensor, labels: torch.Tensor, transform: Callable | None):
-        self.source, self.indices, self.labels, self.transform = source, indices.long(), labels.long(), transform
+    def __init__(
+        self, source: ImageSource, indices: torch.Tensor, labels: torch.Tensor, transform: Callable | None
+    ):
+        self.source, self.indices, self.labels, self.transform = (
+            source,
+            indices.long(),
+            labels.long(),
+            transform,
+        )
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -138,7 +145,9 @@ class RetrievalDataModule(L.LightningDataModule):
         _, train_labels = torch.unique(self.train_label_of(train.class_ids[train_idx]), return_inverse=True)
         self.splits["train"] = RetrievalSplit(train.source, train_idx, train_labels, self.transform("train"))
         if len(val_idx):
-            self.splits["val"] = RetrievalSplit(train.source, val_idx, train.class_ids[val_idx], self.transform("eval"))
+            self.splits["val"] = RetrievalSplit(
+                train.source, val_idx, train.class_ids[val_idx], self.transform("eval")
+            )
         self.splits["test"] = RetrievalSplit(
             test.source, torch.arange(len(test.class_ids)), test.class_ids, self.transform("eval")
         )
@@ -150,10 +159,14 @@ class RetrievalDataModule(L.LightningDataModule):
             )
         self.num_train_classes = found
         log.info(
-            "%s: %s", self.name, ", ".join(f"{k} {len(v)} images / {v.num_classes} classes" for k, v in self.splits.items())
+            "%s: %s",
+            self.name,
+            ", ".join(f"{k} {len(v)} images / {v.num_classes} classes" for k, v in self.splits.items()),
         )
         if "val" not in self.splits:
-            log.info("no validation classes held out (dataset.val_classes=0): validation runs on the test split")
+            log.info(
+                "no validation classes held out (dataset.val_classes=0): validation runs on the test split"
+            )
 
     @property
     def val_split_name(self) -> str:

@@ -1,7 +1,36 @@
-"""Loss terms: each is called as ``term(embeddings, labels) -> scalar``."""
+"""Loss terms and miners.
+
+A loss term is called as ``term(embeddings, labels) -> scalar``; pair and triplet losses also take a
+miner's ``indices``. ``CompositeLoss`` sums weighted terms that share one proxy bank.
+"""
 
 from dml.losses.coding_rate import AntiCoLoss, coding_rate
-from dml.losses.composite import CompositeLoss
-from dml.losses.proxy import ProxyAnchorLoss, ProxyBank
+from dml.losses.composite import CompositeLoss, Term
+from dml.losses.miners import (
+    DistanceWeightedMiner,
+    EasyPositiveMiner,
+    MultiSimilarityMiner,
+    RandomTripletMiner,
+    SemiHardNegativeMiner,
+)
+from dml.losses.pair import ContrastiveLoss, MarginLoss, MultiSimilarityLoss, TripletLoss
+from dml.losses.proxy import ProxyAnchorLoss, ProxyBank, ProxyNCALoss
 
-__all__ = ["AntiCoLoss", "CompositeLoss", "ProxyAnchorLoss", "ProxyBank", "coding_rate"]
+__all__ = [
+    "AntiCoLoss",
+    "CompositeLoss",
+    "ContrastiveLoss",
+    "DistanceWeightedMiner",
+    "EasyPositiveMiner",
+    "MarginLoss",
+    "MultiSimilarityLoss",
+    "MultiSimilarityMiner",
+    "ProxyAnchorLoss",
+    "ProxyBank",
+    "ProxyNCALoss",
+    "RandomTripletMiner",
+    "SemiHardNegativeMiner",
+    "Term",
+    "TripletLoss",
+    "coding_rate",
+]

@@ -12,13 +12,27 @@ from torch import nn
 from dml.losses.proxy import ProxyBank
 
 
+class Term(nn.Module):
+    """One loss term, called as ``term(embeddings, labels)``; with a miner, it mines first."""
+
+    def __init__(self, loss: nn.Module, miner: nn.Module | None = None):
+        super().__init__()
+        self.loss, self.miner = loss, miner
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.miner is None:
+            return self.loss(embeddings, labels)
+        return self.loss(embeddings, labels, self.miner(embeddings, labels))
+
+
 class CompositeLoss(nn.Module):
     """L = sum_t weight_t * term_t(embeddings, labels).
 
     Args:
-        terms: name -> {"loss": a loss module or a partial constructor, "weight": float}. A partial
-            (Hydra ``_partial_: true``) receives whichever of ``num_classes``, ``embedding_size`` and
-            ``proxies`` its constructor takes, so all proxy-based terms share one ``ProxyBank``.
+        terms: name -> {"loss": ..., "miner": ... (optional), "weight": float}. A loss given as a partial
+            constructor (Hydra ``_partial_: true``) receives whichever of ``num_classes``,
+            ``embedding_size`` and ``proxies`` its constructor takes, so all proxy-based terms share one
+            ``ProxyBank``.
         num_classes: number of training classes (rows of the proxy bank).
         embedding_size: embedding dimension d.
         antico_weight: unused here; a config handle interpolated into the AntiCo term's weight so that
@@ -44,28 +58,54 @@ class CompositeLoss(nn.Module):
         for name, spec in terms.items():
             if "loss" not in spec:
                 raise ValueError(f"loss term {name!r} has no 'loss' entry; give it loss: {{_target_: ...}}")
-            self.terms[name] = self._build(name, spec["loss"])
+            miner = spec.get("miner")
+            self.terms[name] = Term(
+                self._build(name, spec["loss"]), self._build(name, miner) if miner else None
+            )
             self.weights[name] = float(spec.get("weight", 1.0))
 
     @property
     def proxies(self) -> ProxyBank:
+        """The proxy bank shared by every proxy-based term (made on first use)."""
         if self._proxies is None:
             self._proxies = ProxyBank(self.num_classes, self.embedding_size)
         return self._proxies
 
-    def _build(self, name: str, loss: nn.Module | Callable[..., nn.Module]) -> nn.Module:
-        if isinstance(loss, nn.Module):
-            return loss
-        if not callable(loss):
+    def _build(self, name: str, part: nn.Module | Callable[..., nn.Module]) -> nn.Module:
+        if isinstance(part, nn.Module):
+            return part
+        if not callable(part):
             raise TypeError(
-                f"loss term {name!r}: expected a module or a partial constructor, got {type(loss).__name__}"
+                f"loss term {name!r}: expected a module or a partial constructor, got {type(part).__name__}"
             )
-        params = inspect.signature(loss).parameters
+        params = inspect.signature(part).parameters
         given = {"num_classes": self.num_classes, "embedding_size": self.embedding_size}
         kwargs = {k: v for k, v in given.items() if k in params}
         if "proxies" in params:
             kwargs["proxies"] = self.proxies
-        return loss(**kwargs)
+        return part(**kwargs)
+
+    def param_groups(self, lr: float, weight_decay: float | None = None) -> list[dict[str, Any]]:
+        """Optimizer groups of the loss-owned parameters: the proxy bank, then each term's own.
+
+        A term with a ``param_lr`` attribute (the margin loss's beta) gets that learning rate.
+        """
+        groups, seen = [], set()
+        if self._proxies is not None:
+            groups.append({"name": "loss/proxies", "params": [self._proxies.weight], "lr": lr})
+            seen.add(id(self._proxies.weight))
+        for name, term in self.terms.items():
+            own = [p for p in term.parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in own)
+            if own:
+                term_lr = getattr(term.loss, "param_lr", None)
+                groups.append(
+                    {"name": f"loss/{name}", "params": own, "lr": term_lr if term_lr is not None else lr}
+                )
+        if weight_decay is not None:
+            for group in groups:
+                group["weight_decay"] = weight_decay
+        return groups
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Args: embeddings (B, d); labels (B,). Returns {"loss": scalar, <term>: scalar, ...}."""

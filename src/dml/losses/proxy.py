@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dml.losses.tuples import cosine_similarity
+
 
 class ProxyBank(nn.Module):
     """One learnable proxy per training class, shape (num_classes, embedding_size).
@@ -81,11 +83,47 @@ class ProxyAnchorLoss(nn.Module):
         """Args: embeddings (B, d); labels (B,) in [0, C). Returns a scalar."""
         num_classes = self.proxies.num_classes
         _check_labels(labels, num_classes)
-        proxies = self.proxies.normalized()
         # float32 logits: alpha * cos reaches 64 and exp of that overflows half precision.
-        cos = F.normalize(embeddings.float(), dim=1) @ proxies.float().T  # (B, C)
+        cos = cosine_similarity(embeddings, self.proxies.weight)  # (B, C)
         pos = F.one_hot(labels, num_classes).bool()
         pos_term = masked_logsumexp_plus_one(-self.alpha * (cos - self.delta), pos, dim=0)  # (C,)
         neg_term = masked_logsumexp_plus_one(self.alpha * (cos + self.delta), ~pos, dim=0)  # (C,)
         with_pos = pos.any(dim=0)
         return pos_term[with_pos].sum() / with_pos.sum().clamp(min=1) + neg_term.sum() / num_classes
+
+
+class ProxyNCALoss(nn.Module):
+    """ProxyNCA (Movshovitz-Attias et al. 2017) on L2-normalised embeddings and proxies.
+
+    L = mean_x -log softmax_c(-scale * ||x - p_c||^2)[y_x]. ``scale=9`` is the Proxy-Anchor code's
+    baseline (embeddings and proxies both scaled by 3). ``exclude_positive=True`` gives the original
+    paper's form, whose denominator sums over the other classes only.
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        embedding_size: int | None = None,
+        scale: float = 9.0,
+        exclude_positive: bool = False,
+        proxies: ProxyBank | None = None,
+    ):
+        super().__init__()
+        if proxies is None:
+            if num_classes is None or embedding_size is None:
+                raise ValueError(
+                    "ProxyNCALoss needs a proxy bank, or num_classes and embedding_size to make one"
+                )
+            proxies = ProxyBank(num_classes, embedding_size)
+        self.proxies, self.scale, self.exclude_positive = proxies, scale, exclude_positive
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Args: embeddings (B, d); labels (B,) in [0, C). Returns a scalar."""
+        _check_labels(labels, self.proxies.num_classes)
+        logits = -self.scale * (
+            2 - 2 * cosine_similarity(embeddings, self.proxies.weight)
+        )  # -scale * ||x - p||^2
+        positive = logits.gather(1, labels[:, None]).squeeze(1)
+        if self.exclude_positive:
+            logits = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+        return (torch.logsumexp(logits, dim=1) - positive).mean()

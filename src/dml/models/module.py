@@ -21,7 +21,7 @@ class DMLModule(L.LightningModule):
     Args:
         backbone: image -> (B, F) features, with ``num_features``.
         head: (B, F) -> (B, d) unit-norm embeddings.
-        loss: the training loss; its parameters (proxies, ...) form their own optimizer group.
+        loss: the training loss; its parameters (proxies, margin beta) form their own optimizer groups.
         optimizer: a partial optimizer (``_partial_: true``) whose ``lr`` is the base learning rate.
         scheduler: a partial lr scheduler taking the optimizer, or ``None``.
         lr_mult: learning-rate multiplier per parameter group (backbone, head, loss).
@@ -137,14 +137,11 @@ class DMLModule(L.LightningModule):
         if base_lr is None:
             raise ValueError("the optimizer config must set lr (optimizer.lr)")
         groups = []
-        for name in PARAM_GROUPS:
+        for name in ("backbone", "head"):
             params = [p for p in getattr(self, name).parameters() if p.requires_grad]
-            if not params:
-                continue
-            group = {"params": params, "lr": base_lr * self.lr_mult[name], "name": name}
-            if name == "loss" and self.loss_weight_decay is not None:
-                group["weight_decay"] = self.loss_weight_decay
-            groups.append(group)
+            if params:
+                groups.append({"params": params, "lr": base_lr * self.lr_mult[name], "name": name})
+        groups += self.loss.param_groups(base_lr * self.lr_mult["loss"], self.loss_weight_decay)
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer

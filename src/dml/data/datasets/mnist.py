@@ -37,7 +37,9 @@ def read_idx(path: Path) -> np.ndarray:
     except (OSError, EOFError) as e:
         raise UserError(f"cannot read MNIST file {path}: {e}; download it again from {IDX_URL}") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise UserError(f"{path} is not an unsigned-byte IDX file (bad magic number); download it again from {IDX_URL}")
+        raise UserError(
+            f"{path} is not an unsigned-byte IDX file (bad magic number); download it again from {IDX_URL}"
+        )
     ndim = data[3]
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -111,7 +113,9 @@ class MNISTDataModule(RetrievalDataModule):
             raise UserError(f"dataset.label_mode must be 'digit' or 'parity', got {label_mode!r}")
         overlap = set(train_digits) & set(test_digits)
         if overlap:
-            raise UserError(f"dataset.train_digits and dataset.test_digits share {sorted(overlap)}; they must be disjoint")
+            raise UserError(
+                f"dataset.train_digits and dataset.test_digits share {sorted(overlap)}; they must be disjoint"
+            )
         if channels not in (1, 3):
             raise UserError(f"dataset.channels must be 1 or 3 for MNIST, got {channels}")
         self.root, self.label_mode, self.channels = root, label_mode, channels

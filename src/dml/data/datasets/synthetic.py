@@ -18,7 +18,13 @@ from dml.errors import UserError
 
 
 def make_synthetic(
-    num_classes: int, modes_per_class: int, images_per_mode: int, image_size: int, channels: int, noise: float, seed: int
+    num_classes: int,
+    modes_per_class: int,
+    images_per_mode: int,
+    image_size: int,
+    channels: int,
+    noise: float,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C, H, W) uint8 images and (N,) class ids, N = num_classes * modes_per_class * images_per_mode."""
     g = torch.Generator().manual_seed(seed)
@@ -28,7 +34,12 @@ def make_synthetic(
     which = torch.arange(n_templates).repeat_interleave(images_per_mode)
     images = templates[which]
     shifts = torch.randint(-2, 3, (len(which), 2), generator=g)
-    images = torch.stack([torch.roll(img, (int(dy), int(dx)), dims=(1, 2)) for img, (dy, dx) in zip(images, shifts, strict=True)])
+    images = torch.stack(
+        [
+            torch.roll(img, (int(dy), int(dx)), dims=(1, 2))
+            for img, (dy, dx) in zip(images, shifts, strict=True)
+        ]
+    )
     images = images + noise * torch.randn(images.shape, generator=g)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     return images, which // modes_per_class
@@ -60,7 +71,9 @@ class SyntheticDataModule(RetrievalDataModule):
     ):
         super().__init__(**kwargs)
         if train_classes < 1 or test_classes < 1:
-            raise UserError(f"dataset.train_classes and dataset.test_classes must be >= 1, got {train_classes}, {test_classes}")
+            raise UserError(
+                f"dataset.train_classes and dataset.test_classes must be >= 1, got {train_classes}, {test_classes}"
+            )
         self.train_classes = train_classes
         self.gen = dict(
             num_classes=train_classes + test_classes,

@@ -10,7 +10,9 @@ class TensorSource:
 
     def __init__(self, images: torch.Tensor):
         if images.ndim != 4 or images.dtype != torch.uint8:
-            raise ValueError(f"TensorSource expects (N, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}")
+            raise ValueError(
+                f"TensorSource expects (N, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}"
+            )
         self.images = images
 
     def __len__(self) -> int:

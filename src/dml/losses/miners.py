@@ -1,0 +1,219 @@
+"""Miners: choose which pairs or triplets of a batch a loss sees. They run under ``no_grad``.
+
+Triplet miners return (anchor, positive, negative) index tensors; :class:`MultiSimilarityMiner` returns
+pairs (a1, p, a2, n). Any miner fits any loss of :mod:`dml.losses.pair`. Random choices use the
+miner's own seeded generator, never the process-global RNG.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dml.losses.tuples import (
+    Pairs,
+    Triplets,
+    cosine_similarity,
+    iter_triplets,
+    label_masks,
+    pairwise_distance,
+)
+
+
+class _Miner(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def sample(self, weights: torch.Tensor) -> torch.Tensor:
+        """One column index per row of non-negative ``weights`` (rows with no mass must be removed first)."""
+        return torch.multinomial(weights, 1, generator=self.generator(weights.device)).squeeze(1)
+
+
+def _empty(device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty(0, dtype=torch.long, device=device) for _ in range(n))
+
+
+class RandomTripletMiner(_Miner):
+    """For each anchor, ``triplets_per_anchor`` triplets with a random positive and a random negative."""
+
+    def __init__(self, triplets_per_anchor: int = 1, seed: int = 0):
+        super().__init__(seed)
+        self.per_anchor = triplets_per_anchor
+
+    @torch.no_grad()
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
+        positive, negative = label_masks(labels)
+        valid = positive.any(1) & negative.any(1)
+        if not valid.any():
+            return _empty(labels.device, 3)
+        anchors = torch.nonzero(valid).flatten().repeat_interleave(self.per_anchor)
+        p = self.sample(positive[anchors].float())
+        n = self.sample(negative[anchors].float())
+        return anchors, p, n
+
+
+class SemiHardNegativeMiner(_Miner):
+    """Every triplet whose negative is semi-hard (FaceNet): D(a,p) < D(a,n) <= D(a,p) + margin."""
+
+    def __init__(self, margin: float = 0.2):
+        super().__init__()
+        self.margin = margin
+
+    @torch.no_grad()
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
+        dist = pairwise_distance(embeddings)
+        kept = []
+        for a, p, n in iter_triplets(None, labels):
+            gap = dist[a, n] - dist[a, p]
+            keep = (gap > 0) & (gap <= self.margin)
+            kept.append((a[keep], p[keep], n[keep]))
+        if not kept:
+            return _empty(labels.device, 3)
+        return tuple(torch.cat(parts) for parts in zip(*kept, strict=True))
+
+
+def distance_weights(
+    dist: torch.Tensor, dim: int, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4
+) -> torch.Tensor:
+    """Distance-weighted sampling weights (Wu et al. 2017), unnormalised, shape of ``dist``.
+
+    On the unit sphere in ``dim`` dimensions pairwise distances have density
+    q(d) ~ d^(dim-2) (1 - d^2/4)^((dim-3)/2); sampling with weight 1/q(d) spreads negatives over all
+    distances. Distances below ``cutoff`` are clipped to it; pairs at or beyond ``nonzero_loss_cutoff``
+    (which cannot give a non-zero loss) get weight 0.
+    """
+    d = dist.double().clamp_min(cutoff)
+    log_w = (2.0 - dim) * torch.log(d) - ((dim - 3) / 2) * torch.log((1.0 - 0.25 * d * d).clamp_min(1e-8))
+    log_w = log_w - log_w.max(dim=1, keepdim=True).values  # per-row shift: rows are normalised anyway
+    return torch.exp(log_w) * (dist < nonzero_loss_cutoff)
+
+
+class DistanceWeightedMiner(_Miner):
+    """For every positive pair, one negative of the anchor drawn with distance-weighted probability.
+
+    Anchors whose negatives all lie beyond ``nonzero_loss_cutoff`` draw uniformly among them.
+    """
+
+    def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4, seed: int = 0):
+        super().__init__(seed)
+        self.cutoff, self.nonzero_loss_cutoff = cutoff, nonzero_loss_cutoff
+
+    def negative_weights(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, B) sampling weights of each anchor's negatives, rows summing to 1 (0 for no negative)."""
+        _, negative = label_masks(labels)
+        w = distance_weights(
+            pairwise_distance(embeddings), embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff
+        )
+        w = w * negative
+        empty = w.sum(1, keepdim=True) == 0
+        w = torch.where(empty, negative.double(), w)
+        return w / w.sum(1, keepdim=True).clamp_min(1e-300)
+
+    @torch.no_grad()
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
+        positive, negative = label_masks(labels)
+        a, p = torch.nonzero(positive & negative.any(1, keepdim=True), as_tuple=True)
+        if len(a) == 0:
+            return _empty(labels.device, 3)
+        weights = self.negative_weights(embeddings, labels)
+        return a, p, self.sample(weights[a])
+
+
+NegativeStrategy = Literal["all", "hard", "semihard", "random", "distance_weighted"]
+
+
+class EasyPositiveMiner(_Miner):
+    """Easy positive sampling (EPS, Levi et al.): each anchor's positive is its nearest same-class sample.
+
+    Negatives, chosen per anchor: ``all`` of them, the ``hard``-est, every ``semihard`` one relative to
+    the easy positive (D(a,p) < D(a,n) <= D(a,p) + margin), one ``random``, or one
+    ``distance_weighted``. Anchors without a positive or a negative are skipped.
+    """
+
+    def __init__(
+        self,
+        negatives: NegativeStrategy = "semihard",
+        margin: float = 0.2,
+        cutoff: float = 0.5,
+        nonzero_loss_cutoff: float = 1.4,
+        seed: int = 0,
+    ):
+        super().__init__(seed)
+        if negatives not in ("all", "hard", "semihard", "random", "distance_weighted"):
+            raise ValueError(
+                f"EasyPositiveMiner negatives must be all|hard|semihard|random|distance_weighted, got {negatives!r}"
+            )
+        self.negatives, self.margin = negatives, margin
+        self._weighted = DistanceWeightedMiner(cutoff, nonzero_loss_cutoff)
+
+    def easy_positives(self, dist: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anchors, positives): each anchor that has a positive, with its nearest one."""
+        positive, _ = label_masks(labels)
+        anchors = torch.nonzero(positive.any(1)).flatten()
+        nearest = dist.masked_fill(~positive, float("inf"))[anchors].argmin(1)
+        return anchors, nearest
+
+    @torch.no_grad()
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
+        dist = pairwise_distance(embeddings)
+        _, negative = label_masks(labels)
+        a, p = self.easy_positives(dist, labels)
+        keep = negative[a].any(1)
+        a, p = a[keep], p[keep]
+        if len(a) == 0:
+            return _empty(labels.device, 3)
+        neg_rows = negative[a]
+        if self.negatives in ("all", "semihard"):
+            rows, n = torch.nonzero(neg_rows, as_tuple=True)
+            aa, pp = a[rows], p[rows]
+            if self.negatives == "semihard":
+                gap = dist[aa, n] - dist[aa, pp]
+                ok = (gap > 0) & (gap <= self.margin)
+                aa, pp, n = aa[ok], pp[ok], n[ok]
+            return aa, pp, n
+        if self.negatives == "hard":
+            n = dist[a].masked_fill(~neg_rows, float("inf")).argmin(1)
+        elif self.negatives == "random":
+            n = self.sample(neg_rows.float())
+        else:
+            n = self.sample(self._weighted.negative_weights(embeddings, labels)[a])
+        return a, p, n
+
+
+class MultiSimilarityMiner(_Miner):
+    """Multi-Similarity pair mining (Wang et al. 2019), S the cosine similarity.
+
+    A negative pair (a, n) is kept when S_an + epsilon > min_p S_ap (harder than the anchor's hardest
+    positive). Positive pairs: with ``positives='hard'`` (the paper) (a, p) is kept when
+    S_ap - epsilon < max_n S_an; with ``positives='easy'`` (EPS + MS) each anchor keeps only its most
+    similar positive. Negative mining is the paper's either way.
+    """
+
+    def __init__(self, epsilon: float = 0.1, positives: Literal["hard", "easy"] = "hard"):
+        super().__init__()
+        if positives not in ("hard", "easy"):
+            raise ValueError(f"MultiSimilarityMiner positives must be 'hard' or 'easy', got {positives!r}")
+        self.epsilon, self.positives = epsilon, positives
+
+    @torch.no_grad()
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Pairs:
+        sim = cosine_similarity(embeddings)
+        positive, negative = label_masks(labels)
+        hardest_pos = sim.masked_fill(~positive, float("inf")).min(1, keepdim=True).values
+        hardest_neg = sim.masked_fill(~negative, float("-inf")).max(1, keepdim=True).values
+        a2, n = torch.nonzero(negative & (sim + self.epsilon > hardest_pos), as_tuple=True)
+        if self.positives == "hard":
+            a1, p = torch.nonzero(positive & (sim - self.epsilon < hardest_neg), as_tuple=True)
+        else:
+            a1 = torch.nonzero(positive.any(1)).flatten()
+            p = sim.masked_fill(~positive, float("-inf"))[a1].argmax(1)
+        return a1, p, a2, n
