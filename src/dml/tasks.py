@@ -161,8 +161,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             + "\n"
             + "\n".join(line for line in str(e).splitlines()[1:3])
         ) from e
+    # Embeddings computed at the training precision reproduce the metrics training printed.
+    overridden = "trainer.precision" in _command_line_keys()
+    precision = (
+        cfg.trainer.precision if overridden else run_cfg.trainer.get("precision", cfg.trainer.precision)
+    )
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=False, callbacks=[], default_root_dir=cfg.paths.output_dir
+        cfg.trainer, logger=False, callbacks=[], default_root_dir=cfg.paths.output_dir, precision=precision
     )
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = module.test_results

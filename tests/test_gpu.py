@@ -1,0 +1,68 @@
+"""GPU tier (`make test-all` or `pytest -m gpu`): skipped, visibly, without a CUDA device."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from benchmarks.losses import terms
+
+from dml.evaluation import knn
+from dml.losses import ProxyBank, coding_rate
+from dml.tasks import train
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")
+
+
+def test_every_term_on_gpu_matches_cpu_and_is_finite_under_bf16(cuda):
+    torch.manual_seed(0)
+    cpu_bank = ProxyBank(50, 64)
+    gpu_bank = ProxyBank(50, 64).to(cuda)
+    gpu_bank.load_state_dict(cpu_bank.state_dict())
+    x = F.normalize(torch.randn(40, 64), dim=1)
+    y = torch.arange(20).repeat_interleave(2)
+    cpu_terms, gpu_terms = terms(cpu_bank), terms(gpu_bank)
+    for name in cpu_terms:
+        expected = cpu_terms[name](x, y)
+        got = gpu_terms[name].to(cuda)(x.to(cuda), y.to(cuda))
+        if (
+            "random" not in name and "distance" not in name and "margin eps" not in name
+        ):  # sampled on another RNG
+            assert got.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-5), name
+        xg = x.to(cuda).requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            value = gpu_terms[name](xg @ torch.eye(64, device=cuda), y.to(cuda))
+        value.backward()
+        assert torch.isfinite(value), name
+        grads = [g for g in (xg.grad, gpu_bank.weight.grad) if g is not None]  # proxy-only terms: no xg.grad
+        assert grads and all(torch.isfinite(g).all() for g in grads), name
+        gpu_bank.weight.grad = None
+
+
+def test_coding_rate_on_gpu_both_sides(cuda):
+    z = torch.randn(300, 64, dtype=torch.float64)
+    for rows in (z[:20], z):
+        assert coding_rate(rows.to(cuda)).item() == pytest.approx(coding_rate(rows).item(), rel=1e-9)
+
+
+def test_torch_knn_on_gpu_equals_cpu(cuda):
+    x = F.normalize(torch.randn(2000, 32), dim=1)
+    assert torch.equal(knn(x.to(cuda), k=10, backend="torch"), knn(x, k=10, backend="torch"))
+
+
+def test_short_training_run_on_gpu_in_bf16(cuda, compose_cfg):
+    cfg = compose_cfg(
+        [
+            "experiment=synthetic_smoke",
+            "trainer=gpu",
+            "callbacks=no_progress",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
+    metrics = train(cfg)
+    assert 0 < metrics["test/recall@1"] <= 1
