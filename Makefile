@@ -13,7 +13,7 @@ EXTRAS ?= $(shell nvidia-smi >/dev/null 2>&1 && echo dev,gpu || echo dev,cpu)
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install train evaluate test test-all lint format clean
+.PHONY: help install data train evaluate test test-all lint format clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv and install dml with dev tools and faiss (gpu or cpu)
+
+data: $(VENV)/.installed ## Prepare a dataset once and print its splits: make data DATA=cub
+	$(PYTHON) prepare.py dataset=$(DATA) $(ARGS)
 
 train: $(VENV)/.installed ## Train: make train DATA=mnist ARGS="loss.antico_weight=0.5 trainer.max_epochs=20"
 	$(PYTHON) train.py dataset=$(DATA) $(ARGS)

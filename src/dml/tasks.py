@@ -46,6 +46,24 @@ def build_module(cfg: DictConfig) -> DMLModule:
     )
 
 
+def build_data_and_module(cfg: DictConfig) -> tuple[L.LightningDataModule, DMLModule]:
+    """The datamodule and module of a run config; image datasets take the backbone's normalisation."""
+    datamodule = instantiate(cfg.dataset)
+    module = build_module(cfg)
+    if hasattr(datamodule, "use_backbone_config"):
+        datamodule.use_backbone_config(getattr(module.backbone, "data_config", {}))
+    return datamodule, module
+
+
+def prepare(cfg: DictConfig) -> dict[str, float]:
+    """Prepare a dataset once (find or download, extract, check, index) and print its splits."""
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    log.info("%s is ready:\n%s", datamodule.name, datamodule.summary())
+    return {}
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
@@ -73,8 +91,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-    datamodule = instantiate(cfg.dataset)
-    module = build_module(cfg)
+    datamodule, module = build_data_and_module(cfg)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -148,8 +165,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if key.split(".")[0] in MODEL_KEYS:
             OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
     L.seed_everything(run_cfg.get("seed", 0), workers=True)
-    datamodule = instantiate(run_cfg.dataset)
-    module = build_module(run_cfg)
+    datamodule, module = build_data_and_module(run_cfg)
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import lightning as L
@@ -27,17 +27,33 @@ class ImageSource(Protocol):
 
 @dataclass
 class RawSplit:
-    """A split as read from disk: its images and each image's original class id."""
+    """A split as read from disk: its images and each image's original class id.
+
+    Attributes:
+        roles: for query/gallery protocols (In-Shop), 0 for a query and 1 for a gallery item.
+        extra_labels: other label sets to evaluate with, by name (Omniglot's fine character labels).
+    """
 
     source: ImageSource
     class_ids: torch.Tensor
+    roles: torch.Tensor | None = None
+    extra_labels: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class RetrievalSplit(Dataset):
-    """Items (image, label, position) of one split; the position lets DDP evaluation drop duplicates."""
+    """Items (image, label, position) of one split; the position lets DDP evaluation drop duplicates.
+
+    ``roles`` and ``extra_labels`` (see :class:`RawSplit`) are indexed by position, like ``labels``.
+    """
 
     def __init__(
-        self, source: ImageSource, indices: torch.Tensor, labels: torch.Tensor, transform: Callable | None
+        self,
+        source: ImageSource,
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Callable | None,
+        roles: torch.Tensor | None = None,
+        extra_labels: dict[str, torch.Tensor] | None = None,
     ):
         self.source, self.indices, self.labels, self.transform = (
             source,
@@ -45,6 +61,7 @@ class RetrievalSplit(Dataset):
             labels.long(),
             transform,
         )
+        self.roles, self.extra_labels = roles, dict(extra_labels or {})
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -149,7 +166,12 @@ class RetrievalDataModule(L.LightningDataModule):
                 train.source, val_idx, train.class_ids[val_idx], self.transform("eval")
             )
         self.splits["test"] = RetrievalSplit(
-            test.source, torch.arange(len(test.class_ids)), test.class_ids, self.transform("eval")
+            test.source,
+            torch.arange(len(test.class_ids)),
+            test.class_ids,
+            self.transform("eval"),
+            roles=test.roles,
+            extra_labels=test.extra_labels,
         )
         found = self.splits["train"].num_classes
         if self.num_train_classes is not None and found != self.num_train_classes:
@@ -167,6 +189,16 @@ class RetrievalDataModule(L.LightningDataModule):
             log.info(
                 "no validation classes held out (dataset.val_classes=0): validation runs on the test split"
             )
+
+    def summary(self) -> str:
+        """Classes and images of each split, one line each."""
+        lines = []
+        for name, split in self.splits.items():
+            line = f"{name:>5}: {len(split):>7} images, {split.num_classes:>6} classes"
+            if split.roles is not None:
+                line += f" ({int((split.roles == 0).sum())} queries, {int((split.roles == 1).sum())} gallery)"
+            lines.append(line)
+        return "\n".join(lines)
 
     @property
     def val_split_name(self) -> str:

@@ -108,12 +108,41 @@ class DMLModule(L.LightningModule):
             index, first = _first_occurrence(index)
             embeddings, labels = embeddings[first], labels[first]
         order = torch.argsort(index)
-        metrics = retrieval_metrics(
-            embeddings[order], labels[order], ks=self.recall_ks, backend=self.knn_backend, nmi=self.nmi
-        )
-        metrics = {f"{stage}/{k}": v for k, v in metrics.items()}
+        embeddings, labels, index = embeddings[order], labels[order], index[order]
+        split = self._split(stage)
+        label_sets = {"": labels}
+        if split is not None:
+            label_sets |= {
+                f"{name}/": extra.to(index.device)[index] for name, extra in split.extra_labels.items()
+            }
+        roles = split.roles.to(index.device)[index] if split is not None and split.roles is not None else None
+        metrics = {}
+        for prefix, set_labels in label_sets.items():
+            if roles is None:
+                values = retrieval_metrics(embeddings, set_labels, **self._metric_options())
+            else:  # query/gallery protocol: queries search the gallery only
+                query, gallery = roles == 0, roles == 1
+                values = retrieval_metrics(
+                    embeddings[query],
+                    set_labels[query],
+                    reference=embeddings[gallery],
+                    reference_labels=set_labels[gallery],
+                    **self._metric_options(),
+                )
+            metrics |= {f"{stage}/{prefix}{k}": v for k, v in values.items()}
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
         return metrics
+
+    def _metric_options(self) -> dict[str, Any]:
+        return {"ks": self.recall_ks, "backend": self.knn_backend, "nmi": self.nmi}
+
+    def _split(self, stage: str) -> Any:
+        """The datamodule's split being evaluated (for its query/gallery roles and extra label sets)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        splits = getattr(datamodule, "splits", None)
+        if not splits:
+            return None
+        return splits.get(datamodule.val_split_name if stage == "val" else "test")
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._collect(batch)

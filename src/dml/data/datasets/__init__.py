@@ -1,6 +1,19 @@
 """One reader per benchmark."""
 
+from dml.data.datasets.cars import CarsDataModule
+from dml.data.datasets.cub import CUBDataModule
+from dml.data.datasets.inshop import InShopDataModule
 from dml.data.datasets.mnist import MNISTDataModule
+from dml.data.datasets.omniglot import OmniglotDataModule
+from dml.data.datasets.sop import SOPDataModule
 from dml.data.datasets.synthetic import SyntheticDataModule
 
-__all__ = ["MNISTDataModule", "SyntheticDataModule"]
+__all__ = [
+    "CUBDataModule",
+    "CarsDataModule",
+    "InShopDataModule",
+    "MNISTDataModule",
+    "OmniglotDataModule",
+    "SOPDataModule",
+    "SyntheticDataModule",
+]

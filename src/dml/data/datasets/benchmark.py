@@ -1,0 +1,158 @@
+"""Image benchmarks read from their official files: preparation, image loading and transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from dml.data.datamodule import RawSplit, RetrievalDataModule
+from dml.data.preparation import Archive, check_images, ensure_files, read_index, write_index
+from dml.errors import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageFiles:
+    """Images decoded from disk on demand (never all held in memory), as RGB PIL images."""
+
+    def __init__(self, root: Path, paths: Sequence[str]):
+        self.root, self.paths = Path(root), list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        path = self.root / self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except OSError as e:
+            raise UserError(
+                f"cannot read image {path}: {e}; prepare the dataset again (delete its dml_index.json)"
+            ) from e
+
+
+class ScaleToBGR255:
+    """RGB in [0, 1] -> BGR in [0, 255], for backbones trained on Caffe-style input (BN-Inception)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(0) * 255
+
+
+def read_lines(path: Path, skip: int = 0) -> list[list[str]]:
+    """Whitespace-split rows of a text file after ``skip`` header lines; a missing file is a UserError."""
+    if not path.is_file():
+        raise UserError(
+            f"{path} is missing; the dataset folder is incomplete: extract the official archive again"
+        )
+    return [line.split() for line in path.read_text().splitlines()[skip:] if line.strip()]
+
+
+class FileBenchmark(RetrievalDataModule):
+    """A benchmark distributed as image files plus label files.
+
+    Subclasses list their official ``archives`` and implement ``read_layout``. ``prepare_data`` (run once,
+    on one process) finds or downloads the archives under ``root``, extracts them, checks every image and
+    writes ``dml_index.json``; later runs start from that index. Delete it to prepare again.
+
+    Args:
+        root: the dataset's folder, ``${paths.data_dir}/<name>`` in the configs.
+        image_size: crop size; resize_size: the shorter side before the test centre crop.
+        mean, std: normalisation; ``None`` takes the backbone's (set by :meth:`use_backbone_config`).
+        bgr_255: feed BGR in [0, 255] (then mean and std are in that scale).
+        hflip: random horizontal flips in training.
+        skip_bad_images: leave out unreadable images instead of failing preparation.
+        download: fetch missing archives from their official URL when reachable.
+        channels: always 3 (images are read as RGB; grayscale ones are replicated).
+        **kwargs: see :class:`RetrievalDataModule`.
+    """
+
+    archives: tuple[Archive, ...] = ()
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        resize_size: int = 256,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        bgr_255: bool = False,
+        hflip: bool = True,
+        skip_bad_images: bool = False,
+        download: bool = True,
+        channels: int = 3,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if channels != 3:
+            raise UserError(f"dataset.channels={channels}: {self.name} images are read as RGB (3 channels)")
+        self.root = Path(root).expanduser()
+        self.image_size, self.resize_size, self.bgr_255, self.hflip = image_size, resize_size, bgr_255, hflip
+        self.mean, self.std = mean, std
+        self.skip_bad_images, self.download = skip_bad_images, download
+
+    # --- for subclasses -------------------------------------------------------------------------------
+    def read_layout(self) -> dict[str, dict[str, list]]:
+        """Read the official label files: {"train": columns, "test": columns}.
+
+        Columns: ``path`` (relative to ``root``) and ``label`` (class id); optionally ``role`` (0 query,
+        1 gallery) and ``fine`` (a second label set).
+        """
+        raise NotImplementedError
+
+    # --- preparation ----------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if read_index(self.root) is not None:
+            return
+        ensure_files(self.root, self.name, self.archives, download=self.download)
+        splits = self.read_layout()
+        bad = check_images(
+            self.root, [p for s in splits.values() for p in s["path"]], self.skip_bad_images, self.name
+        )
+        if bad:
+            for columns in splits.values():
+                keep = [i for i, p in enumerate(columns["path"]) if p not in bad]
+                for key in columns:
+                    columns[key] = [columns[key][i] for i in keep]
+        write_index(self.root, splits, len(bad))
+
+    def load_raw(self) -> dict[str, RawSplit]:
+        splits = read_index(self.root)
+        if splits is None:
+            self.prepare_data()
+            splits = read_index(self.root)
+        out = {}
+        for name, columns in splits.items():
+            fine = {"fine": torch.tensor(columns["fine"])} if "fine" in columns else {}
+            out[name] = RawSplit(
+                ImageFiles(self.root, columns["path"]),
+                torch.tensor(columns["label"], dtype=torch.long),
+                roles=torch.tensor(columns["role"]) if "role" in columns else None,
+                extra_labels=fine,
+            )
+        return out
+
+    # --- transforms -----------------------------------------------------------------------------------
+    def use_backbone_config(self, data_config: dict) -> None:
+        """Take mean and std from the backbone's pretrained config where the dataset config left them null."""
+        self.mean = self.mean if self.mean is not None else tuple(data_config.get("mean", IMAGENET_MEAN))
+        self.std = self.std if self.std is not None else tuple(data_config.get("std", IMAGENET_STD))
+
+    def transform(self, stage: str) -> Callable:
+        mean = self.mean if self.mean is not None else IMAGENET_MEAN
+        std = self.std if self.std is not None else IMAGENET_STD
+        if stage == "train":
+            steps = [T.RandomResizedCrop(self.image_size)] + (
+                [T.RandomHorizontalFlip()] if self.hflip else []
+            )
+        else:
+            steps = [T.Resize(self.resize_size), T.CenterCrop(self.image_size)]
+        steps.append(T.ToTensor())
+        if self.bgr_255:
+            steps.append(ScaleToBGR255())
+        steps.append(T.Normalize(mean, std))
+        return T.Compose(steps)
