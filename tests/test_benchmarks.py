@@ -212,3 +212,25 @@ def test_make_train_and_evaluate_on_each_fixture_benchmark(tmp_path, name):
     assert json.loads((ckpt.parent / "metrics.json").read_text())["metrics"] == pytest.approx(
         json.loads((run / "test_metrics.json").read_text()), abs=1e-6
     )
+
+
+def test_normalisation_and_sizes_come_from_the_backbone_when_left_null(tmp_path):
+    make_cub(tmp_path)
+    dm = CUBDataModule(str(tmp_path), num_train_classes=3, **SMALL | dict(image_size=None, resize_size=None))
+    dm.use_backbone_config(
+        {"mean": (0.5, 0.5, 0.5), "std": (0.2, 0.2, 0.2), "input_size": (3, 16, 16), "crop_pct": 0.8}
+    )
+    assert (dm.image_size, dm.resize_size, dm.mean) == (16, 20, (0.5, 0.5, 0.5))
+    dm.setup()
+    image, _, _ = dm.splits["test"][0]
+    assert image.shape == (3, 16, 16)
+    bgr = CUBDataModule(
+        str(tmp_path),
+        num_train_classes=3,
+        bgr_255=True,
+        mean=(104.0, 117.0, 128.0),
+        std=(1.0, 1.0, 1.0),
+        **SMALL,
+    )
+    bgr.setup()
+    assert bgr.splits["test"][0][0].abs().max() > 20  # 0-255 scale

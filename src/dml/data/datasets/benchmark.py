@@ -61,7 +61,8 @@ class FileBenchmark(RetrievalDataModule):
 
     Args:
         root: the dataset's folder, ``${paths.data_dir}/<name>`` in the configs.
-        image_size: crop size; resize_size: the shorter side before the test centre crop.
+        image_size: crop size; resize_size: the shorter side before the test centre crop; ``None``
+            takes them from the backbone (see :meth:`use_backbone_config`).
         mean, std: normalisation; ``None`` takes the backbone's (set by :meth:`use_backbone_config`).
         bgr_255: feed BGR in [0, 255] (then mean and std are in that scale).
         hflip: random horizontal flips in training.
@@ -76,8 +77,8 @@ class FileBenchmark(RetrievalDataModule):
     def __init__(
         self,
         root: str,
-        image_size: int = 224,
-        resize_size: int = 256,
+        image_size: int | None = 224,
+        resize_size: int | None = 256,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         bgr_255: bool = False,
@@ -138,13 +139,21 @@ class FileBenchmark(RetrievalDataModule):
 
     # --- transforms -----------------------------------------------------------------------------------
     def use_backbone_config(self, data_config: dict) -> None:
-        """Take mean and std from the backbone's pretrained config where the dataset config left them null."""
+        """Fill what the dataset config left null from the backbone's pretrained config (timm's
+        ``resolve_model_data_config``): mean, std, crop size, and the resize before the centre crop
+        (crop size / crop_pct)."""
         self.mean = self.mean if self.mean is not None else tuple(data_config.get("mean", IMAGENET_MEAN))
         self.std = self.std if self.std is not None else tuple(data_config.get("std", IMAGENET_STD))
+        if self.image_size is None:
+            self.image_size = int(data_config.get("input_size", (3, 224, 224))[-1])
+        if self.resize_size is None:
+            self.resize_size = int(round(self.image_size / data_config.get("crop_pct", 0.875)))
 
     def transform(self, stage: str) -> Callable:
         mean = self.mean if self.mean is not None else IMAGENET_MEAN
         std = self.std if self.std is not None else IMAGENET_STD
+        if self.image_size is None or self.resize_size is None:
+            self.use_backbone_config({})
         if stage == "train":
             steps = [T.RandomResizedCrop(self.image_size)] + (
                 [T.RandomHorizontalFlip()] if self.hflip else []
