@@ -24,6 +24,14 @@ def test_train_saves_checkpoints_config_and_logs_every_term(trained):
     run_dir, proc = trained
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "last.ckpt").is_file() and len(list(ckpts.glob("epoch_*.ckpt"))) == 1
+    import torch
+
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["epoch"] == 1, "last.ckpt is the final epoch's"
+    assert {p.name for p in (run_dir / "pictures").iterdir()} == {
+        "test_embedding_map.png",
+        "test_spectrum.png",
+        "test_retrievals.png",
+    }
     assert (run_dir / "config.yaml").is_file() and (run_dir / "train.log").is_file()
     metrics_csv = next(run_dir.glob("csv/version_*/metrics.csv")).read_text().splitlines()[0]
     for key in ("train/loss", "train/loss/proxy_anchor", "train/loss/antico", "val/recall@1", "val/map@r"):
@@ -50,7 +58,7 @@ def test_evaluate_reproduces_the_test_metrics_training_printed(trained, tmp_path
     written = json.loads((ckpt.parent / "metrics.json").read_text())
     assert written["metrics"] == pytest.approx(trained_metrics, abs=1e-6)
     assert printed_metrics(out_of(ev)) == printed_metrics(out_of(proc))
-    assert len(printed_metrics(out_of(ev))) == 7
+    assert len(printed_metrics(out_of(ev))) == 11  # 4 recalls, MAP@R, R-Precision, NMI, 4 collapse measures
 
 
 def assert_user_error(proc, *needles):

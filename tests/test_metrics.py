@@ -120,3 +120,49 @@ def test_recall_at_k_direct():
         "recall@1": 0.0,
         "recall@2": 0.5,
     }
+
+
+def uneven_batch(n_classes=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(2, 12, (n_classes,), generator=g)
+    y = torch.arange(n_classes).repeat_interleave(sizes)
+    x = F.normalize(
+        torch.randn(len(y), 24, generator=g) + 0.8 * torch.randn(n_classes, 24, generator=g)[y], dim=1
+    )
+    return x, y
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_agrees_with_pml_accuracy_calculator_on_uneven_classes(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    calc_mod = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    x, y = uneven_batch()
+    calc = calc_mod.AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision")
+    )
+    ref = calc.get_accuracy(x, y)
+    ours = retrieval_metrics(x, y, ks=(1,), backend=backend, nmi=False)
+    assert ours["recall@1"] == pytest.approx(ref["precision_at_1"], abs=1e-6)
+    assert ours["map@r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1e-6)
+    assert ours["r_precision"] == pytest.approx(ref["r_precision"], abs=1e-6)
+
+
+def test_recall_scan_matches_neighbour_search_query_gallery():
+    x, y = uneven_batch(seed=3)
+    q, g = x[::3], x
+    qy = y[::3]
+    ranks_based = retrieval_metrics(
+        q, qy, ks=(1, 4, 16), reference=g, reference_labels=y, backend="torch", nmi=False
+    )
+    neighbours = knn(q, g, k=16, backend="torch")
+    for k in (1, 4, 16):
+        assert ranks_based[f"recall@{k}"] == pytest.approx(
+            (y[neighbours[:, :k]] == qy[:, None]).any(1).float().mean().item()
+        )
+
+
+def test_nmi_plus_multiples():
+    x, y = uneven_batch(n_classes=6)
+    m = retrieval_metrics(x, y, backend="torch", nmi=True, nmi_multiples=(2, 5))
+    assert set(m) >= {"nmi", "nmi+2x", "nmi+5x"} and all(0 <= m[k] <= 1 for k in ("nmi", "nmi+2x", "nmi+5x"))

@@ -13,10 +13,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from dml.callbacks import EmbeddingPictures
 from dml.errors import UserError
 from dml.log import get_logger
 from dml.models import DMLModule
@@ -158,10 +159,28 @@ def _command_line_keys() -> list[str]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test a trained checkpoint; print the metrics and write them to metrics.json beside it."""
-    ckpt_path = Path(cfg.ckpt_path).expanduser()
+    """Test one checkpoint, or several (``ckpt_path=[a.ckpt,b.ckpt]``) side by side.
+
+    Each checkpoint's metrics are printed, written to metrics.json beside it, and its pictures drawn
+    into ``<evaluate run dir>/pictures/<run>_<checkpoint>/``. Several checkpoints end in one table.
+    Returns the metrics of the last one.
+    """
+    paths = cfg.ckpt_path if isinstance(cfg.ckpt_path, list | ListConfig) else [cfg.ckpt_path]
+    if not paths:
+        raise UserError("ckpt_path is empty; pass ckpt_path=<file>.ckpt or ckpt_path=[a.ckpt,b.ckpt]")
+    results = {}
+    for path in paths:
+        ckpt = Path(str(path)).expanduser()
+        results[f"{ckpt.parent.parent.name}/{ckpt.name}"] = _evaluate_checkpoint(cfg, ckpt)
+    if len(results) > 1:
+        log.info("%s", _comparison_table(results))
+    return list(results.values())[-1]
+
+
+def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
     run_cfg, state_dict = _checkpoint_config(ckpt_path)
-    for key in _command_line_keys():
+    keys = _command_line_keys()
+    for key in keys:
         if key.split(".")[0] in MODEL_KEYS:
             OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
     L.seed_everything(run_cfg.get("seed", 0), workers=True)
@@ -173,17 +192,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"checkpoint {ckpt_path} was written by a different model than the one configured now "
             f"(backbone {run_cfg.backbone.get('name', run_cfg.backbone._target_)}, head {run_cfg.head.out_dim}-d); "
             "drop the model overrides from the command line to evaluate it as trained.\n"
-            + str(e).splitlines()[0]
-            + "\n"
-            + "\n".join(line for line in str(e).splitlines()[1:3])
+            + "\n".join(str(e).splitlines()[:3])
         ) from e
     # Embeddings computed at the training precision reproduce the metrics training printed.
-    overridden = "trainer.precision" in _command_line_keys()
-    precision = (
-        cfg.trainer.precision if overridden else run_cfg.trainer.get("precision", cfg.trainer.precision)
+    precision = cfg.trainer.precision if "trainer.precision" in keys else run_cfg.trainer.get("precision")
+    pictures = EmbeddingPictures(
+        Path(cfg.paths.output_dir) / "pictures" / f"{ckpt_path.parent.parent.name}_{ckpt_path.stem}"
     )
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=False, callbacks=[], default_root_dir=cfg.paths.output_dir, precision=precision
+        cfg.trainer,
+        logger=False,
+        callbacks=[pictures],
+        default_root_dir=cfg.paths.output_dir,
+        precision=precision or cfg.trainer.precision,
     )
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = module.test_results
@@ -192,6 +213,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     _write_json_atomic(out, {"checkpoint": str(ckpt_path), "metrics": metrics})
     log.info("metrics written to %s", out)
     return metrics
+
+
+def _comparison_table(results: dict[str, dict[str, float]]) -> str:
+    table = Table(title="checkpoints compared")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    keys = list(dict.fromkeys(k for m in results.values() for k in m))
+    for key in keys:
+        table.add_row(key, *(f"{m[key]:.4f}" if key in m else "-" for m in results.values()))
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - rendered to text only
+    console.print(table)
+    return console.export_text()
 
 
 def _find_user_error(exc: BaseException) -> UserError | None:

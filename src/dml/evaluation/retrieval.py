@@ -76,6 +76,8 @@ def _knn_faiss(query: torch.Tensor, ref: torch.Tensor, k: int, same: bool) -> to
     q = np.ascontiguousarray(query.detach().float().cpu().numpy())
     r = q if same else np.ascontiguousarray(ref.detach().float().cpu().numpy())
     index = faiss.IndexFlatIP(r.shape[1])
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(r)
     _, idx = index.search(q, k + int(same))
     idx = torch.from_numpy(idx).long()
@@ -122,6 +124,67 @@ def map_at_r(neighbour_labels: torch.Tensor, labels: torch.Tensor, r: torch.Tens
     }
 
 
+def _positive_counts(labels: torch.Tensor, ref_labels: torch.Tensor, same: bool) -> torch.Tensor:
+    """R per query: the reference items of its class (itself excluded when searching its own set)."""
+    classes, counts = torch.unique(ref_labels, return_counts=True)
+    pos = torch.searchsorted(classes, labels.contiguous()).clamp(max=len(classes) - 1)
+    r = torch.where(classes[pos] == labels, counts[pos], torch.zeros_like(labels))
+    return r - int(same)
+
+
+def _scan_torch(
+    query: torch.Tensor,
+    ref: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+    same: bool,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunked pass over the similarity matrix, never all of it at once.
+
+    Returns each query's first-positive rank (0-based; a large number when it has no positive) and the
+    labels of its ``width`` nearest references. Recall@K needs only the rank: the number of other-class
+    items more similar than the query's most similar positive, so no top-1000 search is needed.
+    """
+    device = query.device
+    query, ref = query.float(), ref.float().to(device)
+    labels, ref_labels = labels.to(device), ref_labels.to(device)
+    chunk = max(1, _CHUNK_BYTES // (4 * ref.shape[0]))
+    ranks, nearest = [], []
+    none = torch.iinfo(torch.int64).max
+    for start in range(0, query.shape[0], chunk):
+        sims = query[start : start + chunk] @ ref.T
+        rows = torch.arange(sims.shape[0], device=device)
+        if same:
+            sims[rows, rows + start] = float("-inf")
+        positive = labels[start : start + chunk, None] == ref_labels[None, :]
+        if same:
+            positive[rows, rows + start] = False
+        best_positive = sims.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+        rank = ((sims > best_positive) & ~positive).sum(dim=1)
+        ranks.append(torch.where(positive.any(dim=1), rank, torch.full_like(rank, none)).cpu())
+        if width:
+            nearest.append(ref_labels[sims.topk(width, dim=1).indices].cpu())
+    labels_out = torch.cat(nearest) if width else torch.empty(query.shape[0], 0, dtype=torch.long)
+    return torch.cat(ranks), labels_out
+
+
+def _scan_faiss(
+    query: torch.Tensor,
+    ref: torch.Tensor | None,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+    k: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same outputs as :func:`_scan_torch`, from a faiss top-k search (k = max of the K and R)."""
+    neighbour_labels = ref_labels[knn(query, ref, k=k, backend="faiss")]
+    hits = neighbour_labels == labels[:, None]
+    first = hits.float().argmax(dim=1)
+    ranks = torch.where(hits.any(dim=1), first, torch.full_like(first, torch.iinfo(torch.int64).max))
+    return ranks, neighbour_labels[:, :width]
+
+
 def retrieval_metrics(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -130,9 +193,10 @@ def retrieval_metrics(
     reference_labels: torch.Tensor | None = None,
     backend: Backend = "auto",
     nmi: bool = True,
+    nmi_multiples: Sequence[int] = (),
     seed: int = 0,
 ) -> dict[str, float]:
-    """Recall@K, MAP@R, R-Precision and NMI of a retrieval split.
+    """Recall@K, MAP@R, R-Precision and NMI of a retrieval split, on exact neighbours.
 
     Args:
         embeddings: (n, d) L2-normalised query embeddings.
@@ -140,36 +204,48 @@ def retrieval_metrics(
         ks: the K of Recall@K.
         reference, reference_labels: a separate gallery (In-Shop's query/gallery protocol). Without it,
             each query searches the other n - 1 items.
-        backend: kNN backend, see :func:`knn`.
-        nmi: also cluster the query embeddings with k-means and report NMI.
+        backend: ``torch`` (one chunked pass, on the embeddings' device), ``faiss`` (exact flat index,
+            on a GPU when faiss has one) or ``auto`` (torch on a GPU, else faiss if installed).
+        nmi: cluster the query embeddings with k-means (k = number of classes) and report NMI.
+        nmi_multiples: also report NMI+ (EPS paper) with k = m x the number of classes, as ``nmi+{m}x``.
         seed: k-means seed, so that evaluation is repeatable.
 
     Returns:
-        {"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ...} as floats in [0, 1].
+        {"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ..., "nmi+10x": ...} as floats in [0, 1].
+        Recall@K counts every query; MAP@R and R-Precision leave out queries with nothing to retrieve.
     """
     labels = labels.cpu().long()
     if embeddings.shape[0] != labels.shape[0]:
         raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} labels")
     if embeddings.shape[0] == 0:
         raise ValueError("retrieval_metrics got no embeddings")
-    if reference is None:
-        ref_labels = labels
-        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        r = counts[inverse] - 1
+    same = reference is None
+    if not same and reference_labels is None:
+        raise ValueError("reference given without reference_labels")
+    ref_labels = labels if same else reference_labels.cpu().long()
+    r = _positive_counts(labels, ref_labels, same)
+    n_ref = ref_labels.shape[0] - int(same)
+    width = min(int(r.max()), n_ref)
+    if backend == "auto":
+        backend = "torch" if embeddings.is_cuda or not faiss_available() else "faiss"
+    if backend == "torch":
+        ranks, nearest = _scan_torch(
+            embeddings, embeddings if same else reference, labels, ref_labels, same, width
+        )
+    elif backend == "faiss":
+        ranks, nearest = _scan_faiss(
+            embeddings, reference, labels, ref_labels, min(max(max(ks), width), n_ref), width
+        )
     else:
-        if reference_labels is None:
-            raise ValueError("reference given without reference_labels")
-        ref_labels = reference_labels.cpu().long()
-        classes, counts = torch.unique(ref_labels, return_counts=True)
-        pos = torch.searchsorted(classes, labels).clamp(max=len(classes) - 1)
-        r = torch.where(classes[pos] == labels, counts[pos], torch.zeros_like(labels))
-    k = max(max(ks), int(r.max()))
-    neighbours = knn(embeddings, reference, k=k, backend=backend)
-    neighbour_labels = ref_labels[neighbours]
-    out = recall_at_k(neighbour_labels, labels, ks)
-    out.update(map_at_r(neighbour_labels, labels, r))
-    if nmi:
+        raise ValueError(f"kNN backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+    out = {f"recall@{k}": (ranks < k).float().mean().item() for k in ks}
+    out.update(map_at_r(nearest, labels, r))
+    if nmi or nmi_multiples:
         from dml.evaluation.clustering import nmi_score
 
-        out["nmi"] = nmi_score(embeddings, labels, seed=seed)
+        num_classes = int(torch.unique(labels).numel())
+        if nmi:
+            out["nmi"] = nmi_score(embeddings, labels, seed=seed)
+        for m in nmi_multiples:
+            out[f"nmi+{m}x"] = nmi_score(embeddings, labels, num_clusters=m * num_classes, seed=seed)
     return out

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from dml.evaluation import retrieval_metrics
+from dml.evaluation import collapse_metrics, retrieval_metrics
 from dml.losses import CompositeLoss
 
 PARAM_GROUPS = ("backbone", "head", "loss")
+
+
+@dataclass
+class EvaluationResult:
+    """The embeddings of the last evaluated split, in dataset order, and the split itself (or None)."""
+
+    stage: str
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    split: Any
 
 
 class DMLModule(L.LightningModule):
@@ -30,6 +41,9 @@ class DMLModule(L.LightningModule):
         recall_ks: the K of Recall@K.
         knn_backend: ``auto``, ``torch`` or ``faiss``.
         nmi: compute NMI at evaluation.
+        nmi_multiples: also NMI+ with k-means at these multiples of the class count (EPS uses 10 and 30).
+        collapse: compute the collapse measures (coding rate, per-class coding rate, effective rank,
+            intra/inter distance ratio) at evaluation.
         run_config: the resolved run config, stored in checkpoints so ``evaluate.py`` can rebuild the model.
     """
 
@@ -46,6 +60,8 @@ class DMLModule(L.LightningModule):
         recall_ks: Sequence[int] = (1, 2, 4, 8),
         knn_backend: str = "auto",
         nmi: bool = True,
+        nmi_multiples: Sequence[int] = (),
+        collapse: bool = True,
         run_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
@@ -57,6 +73,8 @@ class DMLModule(L.LightningModule):
             raise ValueError(f"model.lr_mult has unknown groups {sorted(unknown)}; use {list(PARAM_GROUPS)}")
         self.loss_weight_decay, self.warmup_epochs = loss_weight_decay, warmup_epochs
         self.recall_ks, self.knn_backend, self.nmi = list(recall_ks), knn_backend, nmi
+        self.nmi_multiples, self.collapse = list(nmi_multiples), collapse
+        self.last_evaluation: EvaluationResult | None = None
         self.run_config = dict(run_config) if run_config is not None else None
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.test_results: dict[str, float] = {}
@@ -130,11 +148,20 @@ class DMLModule(L.LightningModule):
                     **self._metric_options(),
                 )
             metrics |= {f"{stage}/{prefix}{k}": v for k, v in values.items()}
+        if self.collapse:
+            metrics |= {f"{stage}/{k}": v for k, v in collapse_metrics(embeddings, labels).items()}
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
+        # Kept for callbacks that draw the embedding space (dml.callbacks.EmbeddingPictures).
+        self.last_evaluation = EvaluationResult(stage, embeddings.cpu(), labels.cpu(), split)
         return metrics
 
     def _metric_options(self) -> dict[str, Any]:
-        return {"ks": self.recall_ks, "backend": self.knn_backend, "nmi": self.nmi}
+        return {
+            "ks": self.recall_ks,
+            "backend": self.knn_backend,
+            "nmi": self.nmi,
+            "nmi_multiples": self.nmi_multiples,
+        }
 
     def _split(self, stage: str) -> Any:
         """The datamodule's split being evaluated (for its query/gallery roles and extra label sets)."""

@@ -1,0 +1,87 @@
+"""Lightning callbacks of the package."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from dml.evaluation.collapse import singular_values
+from dml.evaluation.pictures import embedding_map, retrieval_grid, spectrum_plot
+from dml.log import get_logger
+
+log = get_logger(__name__)
+
+
+class EmbeddingPictures(L.Callback):
+    """Draws the evaluated embedding space after validation or test, into ``dirpath`` and wandb.
+
+    Pictures: ``<stage>_embedding_map.png`` (2-D map coloured by class), ``<stage>_spectrum.png``
+    (singular values), ``<stage>_retrievals.png`` (queries with their nearest items, wrong ones red).
+    Validation pictures are redrawn at each validation, so the files show the latest epoch.
+
+    Args:
+        dirpath: output folder.
+        stages: any of ``val`` and ``test``.
+        num_queries, top_k: size of the retrieval grid.
+        max_points, method: points and projection (``tsne`` or ``pca``) of the 2-D map.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        stages: Sequence[str] = ("test",),
+        num_queries: int = 6,
+        top_k: int = 5,
+        max_points: int = 1000,
+        method: str = "tsne",
+    ):
+        self.dirpath, self.stages = Path(dirpath), set(stages)
+        self.num_queries, self.top_k, self.max_points, self.method = num_queries, top_k, max_points, method
+        self.written: list[Path] = []
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._draw(trainer, module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._draw(trainer, module, "test")
+
+    def _draw(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        result = getattr(module, "last_evaluation", None)
+        if stage not in self.stages or result is None or result.stage != stage or not trainer.is_global_zero:
+            return
+        if trainer.sanity_checking:
+            return
+        x, y, split = result.embeddings, result.labels, result.split
+        paths = [
+            embedding_map(x, y, self.dirpath / f"{stage}_embedding_map.png", self.max_points, self.method),
+            spectrum_plot(singular_values(x), self.dirpath / f"{stage}_spectrum.png"),
+        ]
+        if split is not None and len(split) > 1:
+            paths.append(self._grid(x, y, split, self.dirpath / f"{stage}_retrievals.png"))
+        self.written = paths
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                for p in paths:
+                    logger.log_image(key=f"{stage}/{p.stem.removeprefix(stage + '_')}", images=[str(p)])
+        log.info("pictures of the %s embeddings: %s", stage, self.dirpath)
+
+    def _grid(self, x: torch.Tensor, y: torch.Tensor, split, path: Path) -> Path:
+        roles = split.roles
+        queries_pool = torch.arange(len(y)) if roles is None else torch.nonzero(roles == 0).flatten()
+        gallery = torch.arange(len(y)) if roles is None else torch.nonzero(roles == 1).flatten()
+        step = max(1, len(queries_pool) // self.num_queries)
+        queries = queries_pool[::step][: self.num_queries]
+        sims = x[queries].float() @ x[gallery].float().T
+        if roles is None:
+            sims[torch.arange(len(queries)), queries] = float("-inf")  # not itself
+        k = min(self.top_k, sims.shape[1] - int(roles is None))
+        found = gallery[sims.topk(k, dim=1).indices]
+        return retrieval_grid(
+            [split.source.load(int(split.indices[q])) for q in queries],
+            [[split.source.load(int(split.indices[j])) for j in row] for row in found],
+            [[bool(y[j] == y[q]) for j in row] for q, row in zip(queries, found, strict=True)],
+            path,
+        )

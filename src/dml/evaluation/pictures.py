@@ -1,0 +1,116 @@
+"""Pictures of an embedding space: a 2-D map, the singular-value spectrum, a retrieval grid.
+
+Each function writes one PNG and returns its path; matplotlib runs headless (Agg).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def project_2d(embeddings: torch.Tensor, method: str = "tsne", seed: int = 0) -> np.ndarray:
+    """(n, d) -> (n, 2) by t-SNE or PCA."""
+    x = embeddings.detach().float().cpu().numpy()
+    if x.shape[1] <= 2:
+        return np.pad(x, ((0, 0), (0, 2 - x.shape[1])))
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=2, random_state=seed).fit_transform(x)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        return TSNE(
+            n_components=2, init="pca", random_state=seed, perplexity=min(30.0, (len(x) - 1) / 3)
+        ).fit_transform(x)
+    raise ValueError(f"projection method must be 'tsne' or 'pca', got {method!r}")
+
+
+def embedding_map(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    path: str | Path,
+    max_points: int = 1000,
+    method: str = "tsne",
+    seed: int = 0,
+    title: str = "",
+) -> Path:
+    """Scatter of a 2-D projection of (at most ``max_points`` of) the embeddings, coloured by class."""
+    n = embeddings.shape[0]
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_points].sort().values
+    xy = project_2d(embeddings[keep], method, seed)
+    y = labels[keep].cpu().numpy()
+    _, colour = np.unique(y, return_inverse=True)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab20" if colour.max() < 20 else "hsv", s=6, alpha=0.8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or f"{method.upper()} of {len(keep)} embeddings, {len(np.unique(y))} classes")
+    return _save(fig, path)
+
+
+def spectrum_plot(values: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """Normalised singular values (largest = 1) on a log scale: a collapsed space drops off early."""
+    s = values.detach().double().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.semilogy(np.arange(1, len(s) + 1), s / s[0])
+    ax.set_xlabel("index")
+    ax.set_ylabel("singular value / largest")
+    ax.set_title(title or "singular-value spectrum of the embeddings")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _as_image(image: Any) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        array = image.detach().float().cpu()
+        array = array.permute(1, 2, 0).numpy() if array.ndim == 3 else array.numpy()
+        return np.clip(array.squeeze(), 0, 1)
+    return np.asarray(image)
+
+
+def retrieval_grid(
+    queries: Sequence[Any],
+    neighbours: Sequence[Sequence[Any]],
+    correct: Sequence[Sequence[bool]],
+    path: str | Path,
+) -> Path:
+    """One row per query: the query, then its nearest items; wrong ones framed in red, right in green."""
+    rows, cols = len(queries), 1 + max(len(n) for n in neighbours)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    for r, (query, found, ok) in enumerate(zip(queries, neighbours, correct, strict=True)):
+        items = [(query, None)] + list(zip(found, ok, strict=True))
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(items):
+                ax.axis("off")
+                continue
+            image, hit = items[c]
+            array = _as_image(image)
+            ax.imshow(array, cmap="gray" if array.ndim == 2 else None)
+            if hit is not None:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("green" if hit else "red")
+                    spine.set_linewidth(3)
+            elif r == 0:
+                ax.set_title("query", fontsize=8)
+    return _save(fig, path)
