@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from dml.config import compose
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -30,15 +30,7 @@ FAST_RUN = [
 
 def compose_config(overrides: list[str], tmp_path: Path, name: str = "train") -> DictConfig:
     """The real config as ``train.py`` would see it, with outputs under ``tmp_path``."""
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose(name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp_path)
-        cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.paths.log_dir = str(tmp_path / "logs")
-        del cfg.hydra
-    return cfg
+    return compose(overrides, name=name, output_dir=tmp_path / "run")
 
 
 @pytest.fixture

@@ -166,3 +166,18 @@ def test_nmi_plus_multiples():
     x, y = uneven_batch(n_classes=6)
     m = retrieval_metrics(x, y, backend="torch", nmi=True, nmi_multiples=(2, 5))
     assert set(m) >= {"nmi", "nmi+2x", "nmi+5x"} and all(0 <= m[k] <= 1 for k in ("nmi", "nmi+2x", "nmi+5x"))
+
+
+@pytest.mark.parametrize(("n", "classes"), [(900, 200), (600, 3), (7, 7)])
+def test_symmetric_block_scan_equals_the_plain_scan(monkeypatch, n, classes):
+    from dml.evaluation import retrieval
+
+    monkeypatch.setattr(retrieval, "_CHUNK_BYTES", 4 * 256 * 256)  # many blocks, uneven last ones
+    g = torch.Generator().manual_seed(n)
+    x = F.normalize(torch.randn(n, 16, generator=g), dim=1)
+    y = torch.randint(0, classes, (n,), generator=g)
+    y[0] = 10_000  # a class of one: no positive
+    ranks, nearest = retrieval._scan_symmetric(x, y, 5)
+    plain_ranks, plain_nearest = retrieval._scan_torch(x, x, y, y, True, 5)
+    assert torch.equal(ranks, plain_ranks) and torch.equal(nearest, plain_nearest)
+    assert ranks[0] == torch.iinfo(torch.int64).max

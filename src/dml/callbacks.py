@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from dml.evaluation.collapse import singular_values
-from dml.evaluation.pictures import embedding_map, retrieval_grid, spectrum_plot
+from dml.evaluation.pictures import embedding_map, spectrum_plot, split_retrievals
 from dml.log import get_logger
 
 log = get_logger(__name__)
@@ -69,19 +69,6 @@ class EmbeddingPictures(L.Callback):
         log.info("pictures of the %s embeddings: %s", stage, self.dirpath)
 
     def _grid(self, x: torch.Tensor, y: torch.Tensor, split, path: Path) -> Path:
-        roles = split.roles
-        queries_pool = torch.arange(len(y)) if roles is None else torch.nonzero(roles == 0).flatten()
-        gallery = torch.arange(len(y)) if roles is None else torch.nonzero(roles == 1).flatten()
-        step = max(1, len(queries_pool) // self.num_queries)
-        queries = queries_pool[::step][: self.num_queries]
-        sims = x[queries].float() @ x[gallery].float().T
-        if roles is None:
-            sims[torch.arange(len(queries)), queries] = float("-inf")  # not itself
-        k = min(self.top_k, sims.shape[1] - int(roles is None))
-        found = gallery[sims.topk(k, dim=1).indices]
-        return retrieval_grid(
-            [split.source.load(int(split.indices[q])) for q in queries],
-            [[split.source.load(int(split.indices[j])) for j in row] for row in found],
-            [[bool(y[j] == y[q]) for j in row] for q, row in zip(queries, found, strict=True)],
-            path,
-        )
+        pool = torch.arange(len(y)) if split.roles is None else torch.nonzero(split.roles == 0).flatten()
+        step = max(1, len(pool) // self.num_queries)
+        return split_retrievals(x, y, split, pool[::step][: self.num_queries], path, self.top_k)

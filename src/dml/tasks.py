@@ -130,7 +130,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _checkpoint_config(ckpt_path: Path) -> tuple[DictConfig, dict[str, Any]]:
+def load_checkpoint(ckpt_path: Path) -> tuple[DictConfig, dict[str, Any]]:
+    """The run config stored in a checkpoint written by train.py, and its state dict."""
     if not ckpt_path.is_file():
         raise UserError(
             f"checkpoint {ckpt_path} not found; pass ckpt_path=<path to a .ckpt written by train.py>"
@@ -178,7 +179,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
-    run_cfg, state_dict = _checkpoint_config(ckpt_path)
+    run_cfg, state_dict = load_checkpoint(ckpt_path)
     keys = _command_line_keys()
     for key in keys:
         if key.split(".")[0] in MODEL_KEYS:

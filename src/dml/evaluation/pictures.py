@@ -114,3 +114,35 @@ def retrieval_grid(
             elif r == 0:
                 ax.set_title("query", fontsize=8)
     return _save(fig, path)
+
+
+def split_retrievals(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    split: Any,
+    queries: torch.Tensor,
+    path: str | Path,
+    top_k: int = 5,
+) -> Path:
+    """:func:`retrieval_grid` for ``queries`` (positions in a split) and their ``top_k`` nearest items.
+
+    ``split`` is a :class:`~dml.data.RetrievalSplit` (its images are loaded raw, without the model's
+    transform). With query/gallery roles, queries search the gallery; otherwise the other items.
+    """
+    roles = split.roles
+    gallery = torch.arange(len(labels)) if roles is None else torch.nonzero(roles == 1).flatten()
+    sims = embeddings[queries].float() @ embeddings[gallery].float().T
+    if roles is None:
+        sims[torch.arange(len(queries)), queries] = float("-inf")  # not the query itself
+    k = min(top_k, sims.shape[1] - int(roles is None))
+    found = gallery[sims.topk(k, dim=1).indices]
+
+    def image(position: int) -> Any:
+        return split.source.load(int(split.indices[position]))
+
+    return retrieval_grid(
+        [image(int(q)) for q in queries],
+        [[image(int(j)) for j in row] for row in found],
+        [[bool(labels[j] == labels[q]) for j in row] for q, row in zip(queries, found, strict=True)],
+        path,
+    )
