@@ -66,3 +66,29 @@ def test_short_training_run_on_gpu_in_bf16(cuda, compose_cfg):
     )
     metrics = train(cfg)
     assert 0 < metrics["test/recall@1"] <= 1
+
+
+def test_retrieval_metrics_on_gpu_equal_cpu(cuda):
+    from dml.evaluation import retrieval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 300, (9000,), generator=g)
+    x = F.normalize(torch.randn(300, 64, generator=g)[y] + 2 * torch.randn(9000, 64, generator=g), dim=1)
+    ks = (1, 10, 100)
+    cpu = retrieval_metrics(x, y, ks=ks, nmi=False)
+    gpu = retrieval_metrics(x.to(cuda), y, ks=ks, nmi=False)
+    assert gpu == pytest.approx(cpu, abs=1e-4)
+    q, gal = (
+        retrieval_metrics(
+            x[:3000].to(cuda),
+            y[:3000],
+            ks=ks,
+            reference=x[3000:].to(cuda),
+            reference_labels=y[3000:],
+            nmi=False,
+        ),
+        retrieval_metrics(
+            x[:3000], y[:3000], ks=ks, reference=x[3000:], reference_labels=y[3000:], nmi=False
+        ),
+    )
+    assert q == pytest.approx(gal, abs=1e-4)
