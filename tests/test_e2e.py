@@ -107,12 +107,12 @@ def test_empty_split_is_one_message(tmp_path):
 
 
 def test_wandb_runs_offline_and_says_how_to_sync(tmp_path):
-    proc = run_entry(
-        "train.py", [*FAST_RUN, "logger=wandb", "debug=fast", "test=false", f"hydra.run.dir={tmp_path}"]
-    )
+    proc = run_entry("train.py", [*FAST_RUN, "logger=wandb", "debug=fast", f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 0, out_of(proc)
     assert "wandb sync" in out_of(proc)
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    images = {p.name.split("_")[0] for p in run.glob("files/media/images/test/*.png")}
+    assert images == {"embedding", "spectrum", "retrievals"}, "the pictures are logged to wandb"
 
 
 def test_readme_commands_exist():
