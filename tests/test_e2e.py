@@ -118,3 +118,44 @@ def test_wandb_runs_offline_and_says_how_to_sync(tmp_path):
 def test_readme_commands_exist():
     readme = (ROOT / "README.md").read_text()
     assert "make train" in readme and "make test" in readme
+
+
+def test_non_finite_loss_stops_with_the_step_and_terms_and_keeps_checkpoints(tmp_path):
+    import hashlib
+
+    run = tmp_path / "run"
+    first = run_entry("train.py", [*FAST_RUN, "trainer.max_epochs=1", "test=false", f"hydra.run.dir={run}"])
+    assert first.returncode == 0, out_of(first)
+    last = run / "checkpoints" / "last.ckpt"
+    digest = hashlib.md5(last.read_bytes()).hexdigest()
+    broken = run_entry(
+        "train.py",
+        [
+            *FAST_RUN,
+            "trainer.max_epochs=3",
+            f"ckpt_path={last}",
+            "loss.antico_weight=nan",
+            f"hydra.run.dir={run}",
+        ],
+    )
+    assert_user_error(broken, "the loss is not finite at epoch 1, step 7", "antico = ", "proxy_anchor = ")
+    assert hashlib.md5(last.read_bytes()).hexdigest() == digest, "the last good checkpoint is kept as it was"
+    assert sorted(p.name for p in last.parent.glob("epoch_*.ckpt")) == ["epoch_000.ckpt"]
+
+
+def test_resume_from_last_ends_like_an_uninterrupted_run(tmp_path):
+    # The interrupted run stops after 2 of 3 epochs; the schedule is pinned to 3 epochs in both, as it
+    # would be in a killed run of the 3-epoch config.
+    common = [*FAST_RUN, "scheduler.T_max=3"]
+    full = run_entry("train.py", [*common, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'full'}"])
+    assert full.returncode == 0, out_of(full)
+    part = tmp_path / "part"
+    first = run_entry("train.py", [*common, "trainer.max_epochs=2", "test=false", f"hydra.run.dir={part}"])
+    assert first.returncode == 0, out_of(first)
+    resumed = run_entry(
+        "train.py", [*common, "trainer.max_epochs=3", "ckpt_path=last", f"hydra.run.dir={part}"]
+    )
+    assert resumed.returncode == 0, out_of(resumed)
+    assert "Restored all states" in out_of(resumed)
+    expected = json.loads((tmp_path / "full" / "test_metrics.json").read_text())
+    assert json.loads((part / "test_metrics.json").read_text()) == pytest.approx(expected, abs=1e-6)

@@ -10,8 +10,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from dml.errors import UserError
 from dml.evaluation import collapse_metrics, retrieval_metrics
 from dml.losses import CompositeLoss
+from dml.losses.distributed import gather_batch, rescale_local_gradients, world_size
 
 PARAM_GROUPS = ("backbone", "head", "loss")
 
@@ -96,12 +98,30 @@ class DMLModule(L.LightningModule):
             embeddings = self.head(features)
         else:
             embeddings = self(images)
+        # Under DDP the loss sees the global batch (see dml.losses.distributed).
+        embeddings, labels = gather_batch(embeddings, labels)
         out = self.loss(embeddings, labels)
-        batch_size = images.shape[0]
+        if not torch.isfinite(out["loss"]):
+            self._stop_on_non_finite(out)
+        batch_size = labels.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
         for name in self.loss.terms:
             self.log(f"train/loss/{name}", out[name], batch_size=batch_size)
         return out["loss"]
+
+    def _stop_on_non_finite(self, out: dict[str, torch.Tensor]) -> None:
+        terms = ", ".join(f"{name} = {value.item():.4g}" for name, value in out.items())
+        folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        raise UserError(
+            f"the loss is not finite at epoch {self.current_epoch}, step {self.global_step} ({terms}); "
+            f"training stopped and the checkpoints written so far are kept{f' in {folder}' if folder else ''}. "
+            "Lower the learning rate (optimizer.lr) or the weight of the term that diverged, or train in "
+            "full precision (trainer.precision=32-true)."
+        )
+
+    def on_after_backward(self) -> None:
+        # DDP averaged the gradients; backbone and head saw only their rank's chunk of the global loss.
+        rescale_local_gradients([*self.backbone.parameters(), *self.head.parameters()], world_size())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.in_warmup:
@@ -150,7 +170,8 @@ class DMLModule(L.LightningModule):
             metrics |= {f"{stage}/{prefix}{k}": v for k, v in values.items()}
         if self.collapse:
             metrics |= {f"{stage}/{k}": v for k, v in collapse_metrics(embeddings, labels).items()}
-        self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
+        # Identical on every rank (computed from the gathered embeddings); syncing only quiets Lightning.
+        self.log_dict(metrics, sync_dist=self.trainer.world_size > 1)
         # Kept for callbacks that draw the embedding space (dml.callbacks.EmbeddingPictures).
         self.last_evaluation = EvaluationResult(stage, embeddings.cpu(), labels.cpu(), split)
         return metrics
@@ -201,10 +222,14 @@ class DMLModule(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
-        }
+        # Epoch schedules step on the epoch's last batch, not after it: Lightning steps "epoch"
+        # schedulers after the checkpoint of that epoch is written, so a resumed run would lag by one.
+        epochs = self.trainer.max_epochs if self.trainer is not None else None
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}
+        if epochs and epochs > 0:
+            per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
+            scheduler |= {"interval": "step", "frequency": per_epoch}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dml_config"] = self.run_config

@@ -1,0 +1,83 @@
+"""Run by tests/test_ddp.py in its own interpreter: every loss family on 2 gloo ranks x B/2 against
+one process x B. Exits non-zero, naming the family, when loss or gradients differ by more than 1e-5."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from benchmarks.losses import terms
+
+from dml.losses import ProxyBank
+from dml.losses.distributed import gather_batch, rescale_local_gradients
+
+B, D, C, WORLD = 24, 16, 12, 2
+
+
+class Model(torch.nn.Module):
+    """A linear 'network' and one loss term sharing a proxy bank, as in DMLModule."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(D, D)
+        self.bank = ProxyBank(C, D)
+        self.term = terms(self.bank)[name]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.term(*gather_batch(F.normalize(self.net(x), dim=1), y))
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    # 6 classes x 4 items, ordered so that each rank holds 3 whole classes (the sampler's layout).
+    return torch.randn(B, D, generator=g), torch.arange(6).repeat_interleave(4)
+
+
+def grads(model: Model) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def rank_main(rank: int, name: str, port: str, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    model = Model(name)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    x, y = batch()
+    local = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+    loss = ddp(x[local], y[local])
+    loss.backward()
+    rescale_local_gradients(model.net.parameters(), WORLD)
+    if rank == 0:
+        out["loss"] = loss.detach()
+        out["grads"] = grads(model)
+    dist.destroy_process_group()
+
+
+def main(port: str) -> None:
+    names = list(terms(ProxyBank(C, D)))
+    failures = []
+    for name in names:
+        single = Model(name)
+        x, y = batch()
+        loss = single(x, y)
+        loss.backward()
+        expected = grads(single)
+        out = mp.Manager().dict()
+        mp.spawn(rank_main, args=(name, port, out), nprocs=WORLD, join=True)
+        ok = torch.allclose(out["loss"], loss.detach(), atol=1e-5) and set(out["grads"]) == set(expected)
+        ok = ok and all(torch.allclose(out["grads"][k], v, atol=1e-5) for k, v in expected.items())
+        print(f"{name:<22} loss {loss.item():.6f} ddp {out['loss'].item():.6f} {'ok' if ok else 'DIFFERS'}")
+        if not ok:
+            failures.append(name)
+        port = str(int(port) + 1)
+    if failures:
+        sys.exit(f"DDP differs from one process for: {', '.join(failures)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "29731")

@@ -1,0 +1,47 @@
+"""DDP on CPU (gloo, 2 processes). Each run goes in its own interpreter: Lightning's DDP re-launches the
+command line, and two process groups in one process would collide on their port."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FAST_RUN, ROOT, run_entry
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo DDP tests run on Linux and macOS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_loss_family_on_two_ranks_equals_one_process():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.ddp_loss_worker", str(free_port())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 14, proc.stdout
+
+
+def test_ddp_training_and_evaluation_match_one_process(tmp_path):
+    # 5 test classes x 3 modes x 11 images = 165: odd, so the distributed sampler pads with repeats.
+    data = ["dataset.test_classes=5", "dataset.images_per_mode=11"]
+    run = tmp_path / "ddp"
+    trained = run_entry("train.py", [*FAST_RUN, *data, "trainer=ddp_sim", f"hydra.run.dir={run}"])
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert "test/recall@1" in trained.stdout + trained.stderr
+    ckpt = run / "checkpoints" / "last.ckpt"
+    results = {}
+    for name, extra in (("one", ["trainer.accelerator=cpu"]), ("two", ["trainer=ddp_sim"])):
+        ev = run_entry("evaluate.py", [f"ckpt_path={ckpt}", *extra, f"hydra.run.dir={tmp_path / name}"])
+        assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+        results[name] = json.loads((ckpt.parent / "metrics.json").read_text())["metrics"]
+    assert results["two"] == pytest.approx(results["one"], abs=1e-6)
