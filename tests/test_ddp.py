@@ -45,3 +45,34 @@ def test_ddp_training_and_evaluation_match_one_process(tmp_path):
         assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
         results[name] = json.loads((ckpt.parent / "metrics.json").read_text())["metrics"]
     assert results["two"] == pytest.approx(results["one"], abs=1e-6)
+
+
+def test_multirun_sweep_under_ddp_runs_every_combination(tmp_path):
+    """`-m` with trainer=ddp_sim: Lightning re-launches rank 1 with the job's own overrides."""
+    sweep = tmp_path / "sweep"
+    proc = run_entry(
+        "train.py",
+        [
+            "-m",
+            *FAST_RUN,
+            "trainer=ddp_sim",
+            "trainer.max_epochs=1",
+            "loss.antico_weight=0.0,0.5",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ],
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    import yaml
+
+    seen = set()
+    for job in jobs:
+        cfg = yaml.safe_load((job / "config.yaml").read_text())
+        assert cfg["trainer"]["devices"] == 2
+        seen.add((cfg["loss"]["antico_weight"], cfg["seed"]))
+        assert "test/recall@1" in json.loads((job / "test_metrics.json").read_text())
+    assert seen == {(0.0, 1), (0.0, 2), (0.5, 1), (0.5, 2)}
+    assert not (tmp_path / "logs").exists(), "no re-launched rank wrote a run of its own"
