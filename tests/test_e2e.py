@@ -159,3 +159,28 @@ def test_resume_from_last_ends_like_an_uninterrupted_run(tmp_path):
     assert "Restored all states" in out_of(resumed)
     expected = json.loads((tmp_path / "full" / "test_metrics.json").read_text())
     assert json.loads((part / "test_metrics.json").read_text()) == pytest.approx(expected, abs=1e-6)
+
+
+def test_optuna_search_of_antico_weight_and_eps(tmp_path):
+    pytest.importorskip(
+        "hydra_plugins.hydra_optuna_sweeper", reason="the hydra-optuna-sweeper plugin is not installed"
+    )
+    proc = run_entry(
+        "train.py",
+        [
+            "hparams_search=antico_optuna",
+            "hydra.sweeper.n_trials=2",
+            "trainer.max_epochs=1",
+            "callbacks=no_progress",
+            "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+    )
+    assert proc.returncode == 0, out_of(proc)[-3000:]
+    import yaml
+
+    result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert set(result["best_params"]) == {"loss.antico_weight", "loss.terms.antico.loss.eps"}
+    assert 0 < result["best_value"] < 1  # validation MAP@R over the two held-out digits
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
