@@ -42,6 +42,7 @@ def build_everything(cfg):
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         with open_dict(cfg):
             cfg.trainer.accelerator = "cpu"  # the rest of the GPU config (precision, ...) still builds
+            cfg.trainer.devices = 1
     datamodule = instantiate(cfg.dataset)
     assert isinstance(datamodule, RetrievalDataModule)
     module = build_module(cfg)

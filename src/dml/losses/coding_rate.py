@@ -75,13 +75,10 @@ class AntiCoLoss(nn.Module):
             raise ValueError(f"AntiCo scale must be 'official', 'mcr2' or null, got {scale!r}")
         self.variant, self.eps, self.gamma, self.form = variant, eps, gamma, form
         self.scale: Scale = scale or ("mcr2" if variant == "pair" else "official")
-        if variant != "pair" and proxies is None:
-            if num_classes is None or embedding_size is None:
-                raise ValueError(
-                    f"AntiCo variant {variant!r} needs a proxy bank, or num_classes and embedding_size to make one"
-                )
-            proxies = ProxyBank(num_classes, embedding_size)
-        self.proxies = proxies if variant != "pair" else None
+        owner = f"AntiCo variant {variant!r}"
+        self.proxies = (
+            None if variant == "pair" else ProxyBank.resolve(proxies, num_classes, embedding_size, owner)
+        )
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Args: embeddings (B, d); labels (B,) class indices (unused by ``pair``). Returns a scalar."""

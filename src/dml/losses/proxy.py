@@ -25,6 +25,17 @@ class ProxyBank(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.kaiming_normal_(self.weight, mode="fan_out")
 
+    @classmethod
+    def resolve(
+        cls, bank: ProxyBank | None, num_classes: int | None, embedding_size: int | None, owner: str
+    ) -> ProxyBank:
+        """``bank`` when given (the composite's shared one), else a new bank of its own for ``owner``."""
+        if bank is not None:
+            return bank
+        if num_classes is None or embedding_size is None:
+            raise ValueError(f"{owner} needs a proxy bank, or num_classes and embedding_size to make one")
+        return cls(num_classes, embedding_size)
+
     @property
     def num_classes(self) -> int:
         return self.weight.shape[0]
@@ -71,13 +82,8 @@ class ProxyAnchorLoss(nn.Module):
         proxies: ProxyBank | None = None,
     ):
         super().__init__()
-        if proxies is None:
-            if num_classes is None or embedding_size is None:
-                raise ValueError(
-                    "ProxyAnchorLoss needs a proxy bank, or num_classes and embedding_size to make one"
-                )
-            proxies = ProxyBank(num_classes, embedding_size)
-        self.proxies, self.alpha, self.delta = proxies, alpha, delta
+        self.proxies = ProxyBank.resolve(proxies, num_classes, embedding_size, "ProxyAnchorLoss")
+        self.alpha, self.delta = alpha, delta
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Args: embeddings (B, d); labels (B,) in [0, C). Returns a scalar."""
@@ -109,13 +115,8 @@ class ProxyNCALoss(nn.Module):
         proxies: ProxyBank | None = None,
     ):
         super().__init__()
-        if proxies is None:
-            if num_classes is None or embedding_size is None:
-                raise ValueError(
-                    "ProxyNCALoss needs a proxy bank, or num_classes and embedding_size to make one"
-                )
-            proxies = ProxyBank(num_classes, embedding_size)
-        self.proxies, self.scale, self.exclude_positive = proxies, scale, exclude_positive
+        self.proxies = ProxyBank.resolve(proxies, num_classes, embedding_size, "ProxyNCALoss")
+        self.scale, self.exclude_positive = scale, exclude_positive
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Args: embeddings (B, d); labels (B,) in [0, C). Returns a scalar."""

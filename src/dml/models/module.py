@@ -224,10 +224,11 @@ class DMLModule(L.LightningModule):
             return optimizer
         # Epoch schedules step on the epoch's last batch, not after it: Lightning steps "epoch"
         # schedulers after the checkpoint of that epoch is written, so a resumed run would lag by one.
-        epochs = self.trainer.max_epochs if self.trainer is not None else None
+        trainer = self._trainer  # None outside a Trainer (then: a plain epoch schedule)
+        epochs = trainer.max_epochs if trainer is not None else None
         scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}
         if epochs and epochs > 0:
-            per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
+            per_epoch = max(1, int(trainer.estimated_stepping_batches) // epochs)
             scheduler |= {"interval": "step", "frequency": per_epoch}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
