@@ -143,44 +143,33 @@ def test_non_finite_loss_stops_with_the_step_and_terms_and_keeps_checkpoints(tmp
     assert sorted(p.name for p in last.parent.glob("epoch_*.ckpt")) == ["epoch_000.ckpt"]
 
 
-def test_resume_from_last_ends_like_an_uninterrupted_run(tmp_path):
-    # The interrupted run stops after 2 of 3 epochs; the schedule is pinned to 3 epochs in both, as it
-    # would be in a killed run of the 3-epoch config.
-    common = [*FAST_RUN, "scheduler.T_max=3"]
-    full = run_entry("train.py", [*common, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'full'}"])
+def test_run_killed_mid_epoch_resumes_from_last_to_the_same_metrics(tmp_path):
+    # Random miners and the global RNG are in play (triplet_random); the kill comes mid-epoch 2.
+    common = [*FAST_RUN, "loss=triplet_random", "trainer.max_epochs=3"]
+    full = run_entry("train.py", [*common, f"hydra.run.dir={tmp_path / 'full'}"])
     assert full.returncode == 0, out_of(full)
     part = tmp_path / "part"
-    first = run_entry("train.py", [*common, "trainer.max_epochs=2", "test=false", f"hydra.run.dir={part}"])
-    assert first.returncode == 0, out_of(first)
-    resumed = run_entry(
-        "train.py", [*common, "trainer.max_epochs=3", "ckpt_path=last", f"hydra.run.dir={part}"]
-    )
+    crash = ["+callbacks.crash._target_=tests.crash.CrashAtStep", "+callbacks.crash.step=10"]
+    killed = run_entry("train.py", [*common, *crash, f"hydra.run.dir={part}"])
+    assert killed.returncode == 9, out_of(killed)
+    assert not (part / "test_metrics.json").exists()
+    resumed = run_entry("train.py", [*common, "ckpt_path=last", f"hydra.run.dir={part}"])
     assert resumed.returncode == 0, out_of(resumed)
     assert "Restored all states" in out_of(resumed)
     expected = json.loads((tmp_path / "full" / "test_metrics.json").read_text())
     assert json.loads((part / "test_metrics.json").read_text()) == pytest.approx(expected, abs=1e-6)
 
 
-def test_optuna_search_of_antico_weight_and_eps(tmp_path):
-    pytest.importorskip(
-        "hydra_plugins.hydra_optuna_sweeper", reason="the hydra-optuna-sweeper plugin is not installed"
-    )
-    proc = run_entry(
-        "train.py",
-        [
-            "hparams_search=antico_optuna",
-            "hydra.sweeper.n_trials=2",
-            "trainer.max_epochs=1",
-            "callbacks=no_progress",
-            "trainer.enable_progress_bar=false",
-            "trainer.accelerator=cpu",
-            f"hydra.sweep.dir={tmp_path}",
-        ],
-    )
-    assert proc.returncode == 0, out_of(proc)[-3000:]
-    import yaml
+def test_each_sweep_is_one_wandb_group(monkeypatch, tmp_path):
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
-    result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
-    assert set(result["best_params"]) == {"loss.antico_weight", "loss.terms.antico.loss.eps"}
-    assert 0 < result["best_value"] < 1  # validation MAP@R over the two held-out digits
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
+    from dml import loggers
+
+    fake = OmegaConf.create(
+        {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(tmp_path / "2026-11-22_10-00-00")}, "job": {"num": 3}}
+    )
+    monkeypatch.setattr(loggers.HydraConfig, "get", staticmethod(lambda: fake))
+    logger = loggers.wandb_logger(project="dml", save_dir=str(tmp_path), group="antico", offline=True)
+    assert logger._wandb_init["group"] == "antico/2026-11-22_10-00-00"
+    assert logger._wandb_init["name"] == "job3"

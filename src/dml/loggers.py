@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 
 from dml.log import get_logger
@@ -25,6 +27,17 @@ def wandb_credentials_found() -> bool:
         return False
 
 
+def sweep_name() -> str | None:
+    """The sweep folder's name when running as a Hydra multirun job, else None."""
+    try:
+        hydra = HydraConfig.get()
+    except ValueError:  # not under @hydra.main
+        return None
+    if hydra.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra.sweep.dir).name
+
+
 def wandb_logger(
     project: str,
     save_dir: str,
@@ -36,8 +49,13 @@ def wandb_logger(
 ) -> WandbLogger:
     """A ``WandbLogger``; ``offline=None`` means offline exactly when no credentials are found.
 
-    ``WANDB_MODE=offline`` in the environment also forces offline mode.
+    ``WANDB_MODE=offline`` in the environment also forces offline mode. In a Hydra sweep every job
+    logs to the group ``<group>/<sweep folder>`` as its own run ``job<N>``.
     """
+    sweep = sweep_name()
+    if sweep is not None:  # one wandb group per sweep, one run per job
+        group = f"{group}/{sweep}" if group else sweep
+        name = name or f"job{HydraConfig.get().job.num}"
     if offline is None:
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_credentials_found()
     Path(save_dir).mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,14 @@ class _Miner(nn.Module):
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
+    def generator_states(self) -> dict[str, torch.Tensor]:
+        """The state of each of the miner's generators, by device, for checkpoints."""
+        return {str(device): g.get_state() for device, g in self._generators.items()}
+
+    def load_generator_states(self, states: dict[str, torch.Tensor]) -> None:
+        for device, state in states.items():
+            self.generator(torch.device(device)).set_state(state)
+
     def sample(self, weights: torch.Tensor) -> torch.Tensor:
         """One column index per row of non-negative ``weights`` (rows with no mass must be removed first)."""
         return torch.multinomial(weights, 1, generator=self.generator(weights.device)).squeeze(1)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,6 +16,7 @@ from dml.errors import UserError
 from dml.evaluation import collapse_metrics, retrieval_metrics
 from dml.losses import CompositeLoss
 from dml.losses.distributed import gather_batch, rescale_local_gradients, world_size
+from dml.losses.miners import _Miner
 
 PARAM_GROUPS = ("backbone", "head", "loss")
 
@@ -234,6 +237,31 @@ class DMLModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dml_config"] = self.run_config
+        # Random state, so that a resumed run draws what an uninterrupted one would (augmentations,
+        # random miners). The batch sampler needs none: its draw depends on (seed, epoch) only.
+        checkpoint["dml_rng"] = {
+            "python": random.getstate(),
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "miners": {
+                name: m.generator_states() for name, m in self.loss.named_modules() if isinstance(m, _Miner)
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("dml_rng")
+        if not state:
+            return
+        random.setstate(state["python"])
+        np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        miners = dict(self.loss.named_modules())
+        for name, generators in state["miners"].items():
+            if isinstance(miners.get(name), _Miner):
+                miners[name].load_generator_states(generators)
 
 
 def _first_occurrence(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,3 +270,14 @@ def _first_occurrence(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     positions = torch.arange(index.numel(), device=index.device)
     first = torch.full_like(unique, index.numel()).scatter_reduce(0, inverse, positions, reduce="amin")
     return unique, first
+
+
+# Lightning loads checkpoints with weights_only=True: numpy arrays are not allowed there, tensors are.
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def _numpy_state_from_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
