@@ -1,5 +1,6 @@
-"""Run by tests/test_ddp.py in its own interpreter: every loss family on 2 gloo ranks x B/2 against
-one process x B. Exits non-zero, naming the family, when loss or gradients differ by more than 1e-5."""
+"""Run by tests/test_ddp.py in its own interpreter, on 2 gloo ranks: the class-balanced sampler gives
+the ranks disjoint classes that make up the single-process batch, and every loss family on 2 ranks x
+B/2 matches one process x B. Exits non-zero, naming what differs (loss or gradients beyond 1e-5)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,36 @@ def rank_main(rank: int, name: str, port: str, out: dict) -> None:
     dist.destroy_process_group()
 
 
+def sampler_rank_main(rank: int, port: str, out: dict) -> None:
+    """Each live rank draws its batches; rank 0 checks that they split every global batch by class."""
+    from dml.data import ClassBalancedBatchSampler
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    labels = torch.arange(20).repeat_interleave(5)
+    mine = list(
+        ClassBalancedBatchSampler(labels, 8, 3, seed=5, num_replicas=dist.get_world_size(), rank=rank)
+    )
+    everyone = [None] * WORLD
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        single = list(ClassBalancedBatchSampler(labels, 8, 3, seed=5))
+        ok = True
+        for step, batch in enumerate(single):
+            parts = [everyone[r][step] for r in range(WORLD)]
+            classes = [set(labels[p].tolist()) for p in parts]
+            ok &= not (classes[0] & classes[1]) and sum(parts, []) == batch
+        out["sampler"] = ok
+    dist.destroy_process_group()
+
+
 def main(port: str) -> None:
+    out = mp.Manager().dict()
+    mp.spawn(sampler_rank_main, args=(port, out), nprocs=WORLD, join=True)
+    print(f"{'sampler':<22} classes disjoint across ranks {'ok' if out['sampler'] else 'DIFFERS'}")
+    if not out["sampler"]:
+        sys.exit("the ranks' batches overlap in classes or do not make up the global batch")
+    port = str(int(port) + 1)
     names = list(terms(ProxyBank(C, D)))
     failures = []
     for name in names:

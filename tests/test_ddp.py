@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_every_loss_family_on_two_ranks_equals_one_process():
+def test_ranks_draw_disjoint_classes_and_every_loss_family_equals_one_process():
     proc = subprocess.run(
         [sys.executable, "-m", "tests.ddp_loss_worker", str(free_port())],
         cwd=ROOT,
@@ -28,7 +28,7 @@ def test_every_loss_family_on_two_ranks_equals_one_process():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 14, proc.stdout
+    assert proc.stdout.count(" ok") == 15, proc.stdout  # the sampler and 14 loss terms
 
 
 def test_ddp_training_and_evaluation_match_one_process(tmp_path):
