@@ -1,6 +1,7 @@
 """Pair/triplet losses, ProxyNCA and the miners against brute-force loops and pytorch-metric-learning."""
 
 import itertools
+import math
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,7 @@ from dml.losses import (
     TripletLoss,
 )
 from dml.losses import tuples as tuples_module
-from dml.losses.miners import distance_weights
+from dml.losses.miners import distance_log_weights
 
 DTYPES = [torch.float32, torch.float64]
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
@@ -202,17 +203,65 @@ def test_multi_similarity_miner_brute_force(dtype):
         assert s[i, j] == max(s[i, k] for k in range(len(y)) if k != i and y[k] == y[i])
 
 
-def test_distance_weights_follow_the_formula():
-    x, y = batch(torch.float64, d=16)
+def test_distance_log_weights_follow_the_formula():
+    x, _ = batch(torch.float64, d=16)
     d = dist_of(x)
-    w = distance_weights(d, 16, cutoff=0.5, nonzero_loss_cutoff=1.4)
+    log_w = distance_log_weights(d, 16, cutoff=0.5)
     for i, j in [(0, 1), (2, 5), (3, 7)]:
         dij = max(d[i, j].item(), 0.5)
-        raw = dij ** (2 - 16) * (1 - dij * dij / 4) ** (-(16 - 3) / 2) if d[i, j] < 1.4 else 0.0
-        row_max = max(
-            max(v, 0.5) ** (2 - 16) * (1 - max(v, 0.5) ** 2 / 4) ** (-(16 - 3) / 2) for v in d[i].tolist()
-        )
-        assert w[i, j].item() == pytest.approx(raw / row_max, rel=1e-9)
+        raw = dij ** (2 - 16) * (1 - dij * dij / 4) ** (-(16 - 3) / 2)
+        assert log_w[i, j].item() == pytest.approx(math.log(raw), rel=1e-12)
+
+
+def spread_batch(dtype, d, n=32, classes=4, seed=0):
+    """Unit vectors around one shared direction: pairwise distances spread over about 0.6-1.35, inside
+    the non-zero-loss cut-off, in any dimension (random vectors in 2048-d all sit at about sqrt(2))."""
+    g = torch.Generator().manual_seed(seed)
+    shared = F.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
+    own = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    mix = torch.linspace(0.25, 0.75, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    x = F.normalize(mix[:, None] * shared + (1 - mix[:, None]) * own, dim=1)
+    return x.to(dtype), torch.arange(n) % classes
+
+
+def reference_negative_probabilities(dist, labels, dim, cutoff=0.5, nonzero_loss_cutoff=1.4):
+    """Each row's draw over its negatives inside the cut-off, normalised in log space with math.*"""
+    n = len(labels)
+    probs = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        logs = {}
+        for j in range(n):
+            dij = float(dist[i, j])
+            if labels[j] != labels[i] and dij < nonzero_loss_cutoff:
+                c = max(dij, cutoff)
+                logs[j] = (2 - dim) * math.log(c) - (dim - 3) / 2 * math.log(1 - c * c / 4)
+        if not logs:  # no negative can give a loss: uniform over the negatives
+            logs = {j: 0.0 for j in range(n) if labels[j] != labels[i]}
+        top = max(logs.values())
+        total = math.fsum(math.exp(v - top) for v in logs.values())
+        for j, v in logs.items():
+            probs[i, j] = math.exp(v - top) / total
+    return probs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [128, 1024, 2048])
+def test_distance_weighted_probabilities_are_exact_in_high_dimension(dtype, dim):
+    """The row maximum is taken over the valid negatives only: normalising against self or positives
+    (much closer, so weighted far higher) underflowed the negatives for dim >= 1024."""
+    x, y = spread_batch(dtype, dim)
+    dist = tuples_module.pairwise_distance(x)
+    inside = (dist < 1.4) & (y[:, None] != y[None, :])
+    assert inside.sum(1).min() >= 3, "the fixture must put several negatives of every row inside the cut-off"
+    ours = DistanceWeightedMiner().negative_weights(x, y)
+    expected = reference_negative_probabilities(dist, y, dim)
+    assert torch.allclose(ours, expected, rtol=1e-9, atol=1e-300)
+    assert torch.allclose(ours.sum(1), torch.ones(len(y), dtype=torch.float64))
+    # Not degenerate: the weights differ from uniform over the row's candidates.
+    assert (expected.max(1).values > 1.5 / inside.sum(1)).all()
+    eps = EasyPositiveMiner("distance_weighted", seed=1)
+    a, _, n = eps(x, y)
+    assert (expected[a, n] > 0).all()
 
 
 SAMPLING_MINERS = {

@@ -89,20 +89,39 @@ class SemiHardNegativeMiner(_Miner):
         return tuple(torch.cat(parts) for parts in zip(*kept, strict=True))
 
 
-def distance_weights(
-    dist: torch.Tensor, dim: int, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4
-) -> torch.Tensor:
-    """Distance-weighted sampling weights (Wu et al. 2017), unnormalised, shape of ``dist``.
+def distance_log_weights(dist: torch.Tensor, dim: int, cutoff: float = 0.5) -> torch.Tensor:
+    """Log of the distance-weighted sampling weight 1/q(d) (Wu et al. 2017), float64, shape of ``dist``.
 
     On the unit sphere in ``dim`` dimensions pairwise distances have density
     q(d) ~ d^(dim-2) (1 - d^2/4)^((dim-3)/2); sampling with weight 1/q(d) spreads negatives over all
-    distances. Distances below ``cutoff`` are clipped to it; pairs at or beyond ``nonzero_loss_cutoff``
-    (which cannot give a non-zero loss) get weight 0.
+    distances. Distances below ``cutoff`` are clipped to it. The weights themselves span hundreds of
+    orders of magnitude for large ``dim``: normalise them in log space (:func:`distance_probabilities`).
     """
     d = dist.double().clamp_min(cutoff)
-    log_w = (2.0 - dim) * torch.log(d) - ((dim - 3) / 2) * torch.log((1.0 - 0.25 * d * d).clamp_min(1e-8))
-    log_w = log_w - log_w.max(dim=1, keepdim=True).values  # per-row shift: rows are normalised anyway
-    return torch.exp(log_w) * (dist < nonzero_loss_cutoff)
+    return (2.0 - dim) * torch.log(d) - ((dim - 3) / 2) * torch.log((1.0 - 0.25 * d * d).clamp_min(1e-8))
+
+
+def distance_probabilities(
+    dist: torch.Tensor,
+    candidates: torch.Tensor,
+    dim: int,
+    cutoff: float = 0.5,
+    nonzero_loss_cutoff: float = 1.4,
+) -> torch.Tensor:
+    """(B, B) float64 probabilities of drawing each of a row's ``candidates`` (a boolean mask).
+
+    Only candidates closer than ``nonzero_loss_cutoff`` (the others cannot give a non-zero loss) share
+    the row's mass, in proportion to 1/q(d); the normalisation is a softmax over exactly those log
+    weights, so no weight underflows against a larger one outside the row's candidates (self,
+    positives). A row with no candidate inside the cut-off draws uniformly among its candidates; a row
+    with no candidate at all is zero.
+    """
+    inside = candidates & (dist < nonzero_loss_cutoff)
+    log_w = distance_log_weights(dist, dim, cutoff).masked_fill(~inside, float("-inf"))
+    has_inside = inside.any(1, keepdim=True)
+    probs = torch.softmax(log_w.masked_fill(~has_inside, 0.0), dim=1)
+    uniform = candidates.double() / candidates.sum(1, keepdim=True).clamp_min(1)
+    return torch.where(has_inside, probs, uniform)
 
 
 class DistanceWeightedMiner(_Miner):
@@ -116,15 +135,15 @@ class DistanceWeightedMiner(_Miner):
         self.cutoff, self.nonzero_loss_cutoff = cutoff, nonzero_loss_cutoff
 
     def negative_weights(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B, B) sampling weights of each anchor's negatives, rows summing to 1 (0 for no negative)."""
+        """(B, B) sampling probabilities of each anchor's negatives, rows summing to 1 (0 for no negative)."""
         _, negative = label_masks(labels)
-        w = distance_weights(
-            pairwise_distance(embeddings), embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff
+        return distance_probabilities(
+            pairwise_distance(embeddings),
+            negative,
+            embeddings.shape[1],
+            self.cutoff,
+            self.nonzero_loss_cutoff,
         )
-        w = w * negative
-        empty = w.sum(1, keepdim=True) == 0
-        w = torch.where(empty, negative.double(), w)
-        return w / w.sum(1, keepdim=True).clamp_min(1e-300)
 
     @torch.no_grad()
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
