@@ -37,7 +37,7 @@ evaluate: $(VENV)/.installed ## Evaluate a checkpoint: make evaluate CKPT=logs/t
 	@test -n "$(CKPT)" || { echo "error: give CKPT=<path to a .ckpt written by make train>"; exit 2; }
 	$(PYTHON) evaluate.py ckpt_path=$(CKPT) $(ARGS)
 
-test: $(VENV)/.installed ## Run the fast test tier (what CI runs)
+test: $(VENV)/.installed ## Run the everyday test tier (slow and gpu tests left out)
 	WANDB_MODE=offline $(PYTHON) -m pytest -q
 
 test-all: $(VENV)/.installed ## Run every test tier but gpu ones without a GPU (slow included)

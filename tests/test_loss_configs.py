@@ -44,3 +44,16 @@ def test_antico_weight_is_exposed_wherever_antico_is_a_term(compose_cfg, name):
     assert has_antico == ("antico_weight" in cfg.loss)
     if has_antico:
         assert loss.weights["antico"] == 0.125
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_parameter_of_a_loss_config_gets_a_gradient(compose_cfg, name):
+    """DDP refuses a parameter that no term uses: pair AntiCo used to carry an unused proxy bank."""
+    import torch
+
+    loss = instantiate(compose_cfg([f"loss={name}"]).loss)
+    embeddings = torch.nn.functional.normalize(torch.randn(24, loss.embedding_size), dim=1).requires_grad_()
+    labels = torch.arange(6).repeat_interleave(4)
+    loss(embeddings, labels)["loss"].backward()
+    unused = [n for n, p in loss.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"parameters no term of loss={name} uses: {unused}"

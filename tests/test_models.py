@@ -2,6 +2,7 @@ import lightning as L
 import pytest
 import timm
 import torch
+from hydra.utils import instantiate
 
 from dml.errors import UserError
 from dml.models import LinearHead, SmallCNN, TimmBackbone
@@ -75,7 +76,6 @@ def test_warmup_keeps_the_backbone_frozen(compose_cfg):
     cfg = compose_cfg(
         ["experiment=synthetic_smoke", "model.warmup_epochs=1", "trainer.max_epochs=1", "~scheduler"]
     )
-    from hydra.utils import instantiate
 
     datamodule, module = instantiate(cfg.dataset), build_module(cfg)
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -96,3 +96,30 @@ def test_warmup_keeps_the_backbone_frozen(compose_cfg):
         if k.startswith("backbone.") and "running" not in k and "num_batches" not in k
     )
     assert not torch.equal(before["head.linear.weight"], after["head.linear.weight"])
+
+
+def test_frozen_batchnorm_keeps_its_statistics_through_lightning_training(compose_cfg):
+    """Lightning no longer calls train() at fit start: BatchNorm ran on batch statistics and moved its
+    running statistics in every freeze_bn recipe until the module applied the backbone's mode itself."""
+    cfg = compose_cfg(["experiment=synthetic_smoke", "backbone.freeze_bn=true", "trainer.accelerator=cpu"])
+    datamodule, module = instantiate(cfg.dataset), build_module(cfg)
+    before = {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
+    assert before
+    modes = []
+    module.on_train_batch_start = lambda *args: modes.extend(
+        m.training for m in module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert modes and not any(modes), "BatchNorm in training mode during a training step"
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

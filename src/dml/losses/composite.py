@@ -63,6 +63,12 @@ class CompositeLoss(nn.Module):
                 self._build(name, spec["loss"]), self._build(name, miner) if miner else None
             )
             self.weights[name] = float(spec.get("weight", 1.0))
+        if self._proxies is not None and not any(
+            m is self._proxies for term in self.terms.values() for m in term.modules()
+        ):
+            # Offered to a term that did not keep it (AntiCo's pair variant): a parameter no term uses
+            # would make DDP refuse the model.
+            self._proxies = None
 
     @property
     def proxies(self) -> ProxyBank:

@@ -10,13 +10,17 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dml.errors import UserError
+from dml.log import get_logger
 from dml.evaluation import collapse_metrics, retrieval_metrics
 from dml.losses import CompositeLoss
 from dml.losses.distributed import gather_batch, rescale_local_gradients, world_size
 from dml.losses.miners import _Miner
+
+log = get_logger(__name__)
 
 PARAM_GROUPS = ("backbone", "head", "loss")
 
@@ -93,6 +97,12 @@ class DMLModule(L.LightningModule):
     def in_warmup(self) -> bool:
         return self.current_epoch < self.warmup_epochs
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning (2.6) no longer calls train() when fitting starts, and after each validation it
+        # restores every submodule's flag directly: call it here so that the backbone's own train()
+        # keeps frozen BatchNorm in eval mode (its running statistics fixed) from the first batch.
+        self.train()
+
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, labels, _ = batch
         if self.in_warmup and self.trainer.world_size == 1:
@@ -122,11 +132,12 @@ class DMLModule(L.LightningModule):
             "full precision (trainer.precision=32-true)."
         )
 
-    def on_after_backward(self) -> None:
-        # DDP averaged the gradients; backbone and head saw only their rank's chunk of the global loss.
-        rescale_local_gradients([*self.backbone.parameters(), *self.head.parameters()], world_size())
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Once per optimizer step, after the last accumulated micro-batch and before gradient clipping:
+        # DDP averaged the gradients, and backbone and head saw only their rank's chunk of each global
+        # batch's loss (dml.losses.distributed). Rescaling after every backward instead would multiply
+        # the gradients that earlier micro-batches had already accumulated once more each time.
+        rescale_local_gradients([*self.backbone.parameters(), *self.head.parameters()], world_size())
         if self.in_warmup:
             # Under DDP the backbone still runs backward (every rank must reduce the same parameters);
             # dropping its gradients keeps the optimizer from touching it, weight decay included.
@@ -238,8 +249,30 @@ class DMLModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dml_config"] = self.run_config
         # Random state, so that a resumed run draws what an uninterrupted one would (augmentations,
-        # random miners). The batch sampler needs none: its draw depends on (seed, epoch) only.
-        checkpoint["dml_rng"] = {
+        # random miners). The batch sampler needs none: its draw depends on (seed, epoch) only. Every
+        # rank builds the checkpoint dict but only rank 0 writes it: gather each rank's own state.
+        checkpoint["dml_rng"] = _gather_objects(self._random_state())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("dml_rng")
+        if not states:
+            return
+        if isinstance(states, dict):  # written before states were kept per rank
+            states = [states]
+        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if len(states) != world:
+            log.warning(
+                "the checkpoint holds the random state of %d process(es) and the run resumes on %d: "
+                "process %d takes that of process %d, so random draws differ from an uninterrupted run",
+                len(states),
+                world,
+                rank,
+                rank % len(states),
+            )
+        self._set_random_state(states[rank % len(states)])
+
+    def _random_state(self) -> dict[str, Any]:
+        return {
             "python": random.getstate(),
             "numpy": _numpy_state_to_plain(np.random.get_state()),
             "torch": torch.get_rng_state(),
@@ -249,10 +282,7 @@ class DMLModule(L.LightningModule):
             },
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("dml_rng")
-        if not state:
-            return
+    def _set_random_state(self, state: dict[str, Any]) -> None:
         random.setstate(state["python"])
         np.random.set_state(_numpy_state_from_plain(state["numpy"]))
         torch.set_rng_state(state["torch"])
@@ -262,6 +292,15 @@ class DMLModule(L.LightningModule):
         for name, generators in state["miners"].items():
             if isinstance(miners.get(name), _Miner):
                 miners[name].load_generator_states(generators)
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` outside DDP. Every rank must call it."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _first_occurrence(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
