@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dml.errors import UserError
-from dml.log import get_logger
 from dml.evaluation import collapse_metrics, retrieval_metrics
+from dml.log import get_logger
 from dml.losses import CompositeLoss
 from dml.losses.distributed import gather_batch, rescale_local_gradients, world_size
 from dml.losses.miners import _Miner
