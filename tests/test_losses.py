@@ -132,3 +132,26 @@ def test_composite_shares_one_proxy_bank_and_weights_terms():
     assert math.isclose(out["loss"].item(), expected.item(), rel_tol=1e-6)
     with pytest.raises(ValueError, match="at least one term"):
         CompositeLoss({}, 5, 8)
+
+
+def test_loss_parameter_groups_take_their_own_weight_decay_first():
+    from dml.losses import CompositeLoss, MarginLoss, ProxyAnchorLoss
+
+    composite = CompositeLoss(
+        {
+            "proxy_anchor": {"loss": lambda proxies: ProxyAnchorLoss(proxies=proxies)},
+            "margin": {"loss": MarginLoss(beta_lr=5e-4, beta_weight_decay=0.0)},
+        },
+        num_classes=5,
+        embedding_size=8,
+        proxy_init_std=0.125,
+    )
+    groups = {g["name"]: g for g in composite.param_groups(lr=0.1, weight_decay=3e-4)}
+    assert groups["loss/proxies"]["lr"] == 0.1 and groups["loss/proxies"]["weight_decay"] == 3e-4
+    assert groups["loss/margin"]["lr"] == 5e-4 and groups["loss/margin"]["weight_decay"] == 0.0
+    assert "weight_decay" not in composite.param_groups(lr=0.1)[0], "None keeps the optimizer's"
+    torch.manual_seed(0)
+    bank = CompositeLoss(
+        {"pa": {"loss": lambda proxies: ProxyAnchorLoss(proxies=proxies)}}, 400, 64, proxy_init_std=0.125
+    ).proxies.weight
+    assert bank.std().item() == pytest.approx(0.125, rel=0.02)

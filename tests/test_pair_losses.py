@@ -87,6 +87,18 @@ def test_triplet_all_triplets_brute_force(dtype, margin):
     close(TripletLoss(margin)(x, y), mean_nonzero(values))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triplet_squared_distance_mean_over_all_triplets_brute_force(dtype):
+    """The EPS paper's D (squared) and its framework's reduction (every mined triplet counts)."""
+    x, y = batch(dtype)
+    d2 = dist_of(x) ** 2
+    values = [max(0.0, (d2[a, p] - d2[a, n] + 0.2).item()) for a, p, n in triplets_of(y)]
+    close(TripletLoss(0.2, squared=True, reduction="mean")(x, y), sum(values) / len(values))
+    close(TripletLoss(0.2, squared=True)(x, y), mean_nonzero(values))
+    with pytest.raises(ValueError, match="reduction"):
+        TripletLoss(reduction="sum")
+
+
 def test_triplet_chunking_gives_the_same_value(monkeypatch):
     x, y = batch(torch.float64, n=40)
     whole = TripletLoss(0.3)(x, y)
@@ -180,6 +192,45 @@ def test_semihard_miner_brute_force(dtype):
     expected = {t for t in triplets_of(y) if 0 < d[t[0], t[2]] - d[t[0], t[1]] <= 0.2}
     a, p, n = SemiHardNegativeMiner(0.2)(x, y)
     assert set(zip(a.tolist(), p.tolist(), n.tolist(), strict=True)) == expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_easy_positive_per_anchor_draws_one_semihard_negative_or_falls_back(dtype):
+    x, y = batch(dtype, n=30)
+    d = dist_of(x)
+    a, p, n = EasyPositiveMiner("semihard", margin=0.2, per_anchor=True, seed=2)(x, y)
+    assert len(set(a.tolist())) == len(a), "one triplet per anchor"
+    expected_anchors = [i for i in range(len(y)) if (y == y[i]).sum() > 1 and (y != y[i]).any()]
+    assert sorted(a.tolist()) == expected_anchors
+    fallbacks = 0
+    for i, j, k in zip(a.tolist(), p.tolist(), n.tolist(), strict=True):
+        assert d[i, j] == min(d[i, t] for t in range(len(y)) if t != i and y[t] == y[i])
+        semihard = [t for t in range(len(y)) if y[t] != y[i] and 0 < d[i, t] - d[i, j] <= 0.2]
+        assert y[k] != y[i]
+        if semihard:
+            assert k in semihard
+        else:
+            fallbacks += 1
+    assert fallbacks < len(a)
+    with pytest.raises(ValueError, match="per_anchor"):
+        EasyPositiveMiner("all", per_anchor=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multi_similarity_negatives_relative_to_the_easy_positive(dtype):
+    x, y = batch(dtype)
+    s = F.normalize(x.double(), dim=1) @ F.normalize(x.double(), dim=1).T
+    expected = set()
+    for i in range(len(y)):
+        pos = [k for k in range(len(y)) if k != i and y[k] == y[i]]
+        if pos:
+            easy = max(s[i, k] for k in pos)
+            expected |= {(i, j) for j in range(len(y)) if y[j] != y[i] and s[i, j] + 0.1 > easy}
+    miner = MultiSimilarityMiner(0.1, positives="easy", negative_reference="easy_positive")
+    _, _, a2, n = miner(x, y)
+    assert set(zip(a2.tolist(), n.tolist(), strict=True)) == expected
+    _, _, a2h, _ = MultiSimilarityMiner(0.1, positives="easy")(x, y)
+    assert len(a2) < len(a2h), "fewer negatives beat the easiest positive than the hardest"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 import torch
 
-from dml.data import ClassBalancedBatchSampler
+from dml.data import ClassBalancedBatchSampler, RandomBatchSampler
 from dml.errors import UserError
 
 
@@ -75,3 +75,33 @@ def test_small_classes_repeat_items_to_fill_k():
 def test_impossible_settings_say_what_to_change(p, k, world, match):
     with pytest.raises(UserError, match=match):
         ClassBalancedBatchSampler(make_labels([4] * 4), p, k, num_replicas=world)
+
+
+def test_random_batches_cover_the_epoch_once_and_ranks_split_each_batch():
+    single = RandomBatchSampler(103, 10, seed=4)
+    out = batches(single, epoch=2)
+    assert len(out) == len(single) == 10  # the incomplete last batch is dropped
+    flat = [i for b in out for i in b]
+    assert len(set(flat)) == 100 and all(len(b) == 10 for b in out)
+    assert out != batches(RandomBatchSampler(103, 10, seed=4), epoch=3)
+    ranks = [batches(RandomBatchSampler(103, 10, seed=4, num_replicas=2, rank=r), epoch=2) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == out
+
+
+def test_random_batches_reject_a_batch_that_does_not_split_or_fit():
+    with pytest.raises(UserError, match="divisible by the number of devices"):
+        RandomBatchSampler(100, 9, num_replicas=2)
+    with pytest.raises(UserError, match="lower dataset.batch_size"):
+        RandomBatchSampler(5, 10)
+
+
+def test_datamodule_sampler_choice(compose_cfg):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(["experiment=synthetic_smoke", "dataset.sampler=random", "dataset.batch_size=25"])
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    assert isinstance(loader.batch_sampler, RandomBatchSampler) and loader.batch_sampler.batch_size == 25
+    with pytest.raises(UserError, match="dataset.sampler='balanced'"):
+        instantiate(compose_cfg(["experiment=synthetic_smoke", "dataset.sampler=balanced"]).dataset)

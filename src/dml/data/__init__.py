@@ -10,12 +10,13 @@ from dml.data.datasets import (
     SOPDataModule,
     SyntheticDataModule,
 )
-from dml.data.samplers import ClassBalancedBatchSampler
+from dml.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 
 __all__ = [
     "CUBDataModule",
     "CarsDataModule",
     "ClassBalancedBatchSampler",
+    "RandomBatchSampler",
     "InShopDataModule",
     "MNISTDataModule",
     "OmniglotDataModule",

@@ -10,11 +10,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dml.data.samplers import ClassBalancedBatchSampler
+from dml.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 from dml.errors import UserError
 from dml.log import get_logger
 
 log = get_logger(__name__)
+
+SAMPLERS = ("class_balanced", "random")
 
 
 class ImageSource(Protocol):
@@ -86,8 +88,10 @@ class RetrievalDataModule(L.LightningDataModule):
     says so.
 
     Args:
-        batch_size: global training batch, P classes x K samples.
-        samples_per_class: K.
+        batch_size: global training batch: P classes x K samples, or B random items.
+        samples_per_class: K, with the class-balanced sampler.
+        sampler: ``class_balanced`` (P x K batches, :class:`ClassBalancedBatchSampler`) or ``random``
+            (plain random batches, :class:`RandomBatchSampler`).
         num_train_classes: the number of training classes the config promises (proxies are sized by it);
             checked against the data.
         val_classes: training classes held out for validation.
@@ -103,6 +107,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self,
         batch_size: int = 60,
         samples_per_class: int = 2,
+        sampler: str = "class_balanced",
         num_train_classes: int | None = None,
         val_classes: int = 0,
         eval_batch_size: int = 256,
@@ -113,11 +118,13 @@ class RetrievalDataModule(L.LightningDataModule):
         recall_ks: Sequence[int] = (1, 2, 4, 8),
     ):
         super().__init__()
-        if samples_per_class < 1 or batch_size % samples_per_class:
+        if sampler not in SAMPLERS:
+            raise UserError(f"dataset.sampler={sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if sampler == "class_balanced" and (samples_per_class < 1 or batch_size % samples_per_class):
             raise UserError(
                 f"dataset.batch_size={batch_size} must be a multiple of dataset.samples_per_class={samples_per_class}"
             )
-        self.batch_size, self.samples_per_class = batch_size, samples_per_class
+        self.batch_size, self.samples_per_class, self.sampler = batch_size, samples_per_class, sampler
         self.num_train_classes, self.val_classes = num_train_classes, val_classes
         self.eval_batch_size, self.num_workers, self.seed = eval_batch_size, num_workers, seed
         self.pin_memory = pin_memory
@@ -212,14 +219,18 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
-        sampler = ClassBalancedBatchSampler(
-            self.splits["train"].labels,
-            classes_per_batch=self.batch_size // self.samples_per_class,
-            samples_per_class=self.samples_per_class,
-            seed=self.seed,
-            num_replicas=world,
-            rank=rank,
-        )
+        labels = self.splits["train"].labels
+        if self.sampler == "random":
+            sampler = RandomBatchSampler(len(labels), self.batch_size, self.seed, world, rank)
+        else:
+            sampler = ClassBalancedBatchSampler(
+                labels,
+                classes_per_batch=self.batch_size // self.samples_per_class,
+                samples_per_class=self.samples_per_class,
+                seed=self.seed,
+                num_replicas=world,
+                rank=rank,
+            )
         return self._loader(self.splits["train"], batch_sampler=sampler)
 
     def _eval_loader(self, split: str) -> DataLoader:

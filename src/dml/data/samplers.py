@@ -86,3 +86,49 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 batch.append(taken)
             mine = batch[self.rank * share : (self.rank + 1) * share]
             yield [i for group in mine for i in group]
+
+
+class RandomBatchSampler(Sampler[list[int]]):
+    """Plain random batches (Proxy-Anchor's official loader: shuffle, drop the incomplete last batch).
+
+    Every epoch draws one permutation of the items from (seed, epoch); the global batches are its
+    consecutive slices of ``batch_size``, and each of ``num_replicas`` ranks keeps its contiguous share
+    of each, so the ranks together see exactly the single-process batch.
+
+    Args:
+        num_items: N, the number of training items.
+        batch_size: the global batch size B, divisible by ``num_replicas``.
+        seed: base seed; the epoch's generator is seeded with (seed, epoch).
+        num_replicas, rank: the distributed world size and this process's rank.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1 or batch_size > num_items:
+            raise UserError(
+                f"a random batch of {batch_size} items needs at least that many training items, and the "
+                f"training split has {num_items}; lower dataset.batch_size"
+            )
+        if batch_size % num_replicas:
+            raise UserError(
+                f"dataset.batch_size={batch_size} cannot be split evenly over {num_replicas} processes; "
+                "choose a batch size divisible by the number of devices"
+            )
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at each epoch start; the next iteration draws that epoch's batches."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        share = self.batch_size // self.num_replicas
+        for b in range(len(self)):
+            start = b * self.batch_size + self.rank * share
+            yield order[start : start + share].tolist()

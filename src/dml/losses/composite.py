@@ -37,6 +37,8 @@ class CompositeLoss(nn.Module):
         embedding_size: embedding dimension d.
         antico_weight: unused here; a config handle interpolated into the AntiCo term's weight so that
             a sweep over it is one override (``loss.antico_weight=...``).
+        proxy_init_std: initialise the proxy bank normal with this standard deviation; ``None`` keeps
+            the kaiming-normal (fan_out) initialisation (see :class:`ProxyBank`).
 
     ``forward`` returns a dict: ``loss`` (the weighted sum) and each term's unweighted value by name.
     """
@@ -47,11 +49,13 @@ class CompositeLoss(nn.Module):
         num_classes: int,
         embedding_size: int,
         antico_weight: float | None = None,
+        proxy_init_std: float | None = None,
     ):
         super().__init__()
         if not terms:
             raise ValueError("CompositeLoss needs at least one term (loss.terms is empty)")
         self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.proxy_init_std = proxy_init_std
         self._proxies: ProxyBank | None = None
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
@@ -74,7 +78,7 @@ class CompositeLoss(nn.Module):
     def proxies(self) -> ProxyBank:
         """The proxy bank shared by every proxy-based term (made on first use)."""
         if self._proxies is None:
-            self._proxies = ProxyBank(self.num_classes, self.embedding_size)
+            self._proxies = ProxyBank(self.num_classes, self.embedding_size, self.proxy_init_std)
         return self._proxies
 
     def _build(self, name: str, part: nn.Module | Callable[..., nn.Module]) -> nn.Module:
@@ -94,23 +98,28 @@ class CompositeLoss(nn.Module):
     def param_groups(self, lr: float, weight_decay: float | None = None) -> list[dict[str, Any]]:
         """Optimizer groups of the loss-owned parameters: the proxy bank, then each term's own.
 
-        A term with a ``param_lr`` attribute (the margin loss's beta) gets that learning rate.
+        A term whose loss has a ``param_lr`` or ``param_weight_decay`` attribute that is not ``None``
+        (the margin loss's beta) gets that learning rate or weight decay; otherwise a group takes
+        ``lr``, and ``weight_decay`` when given (else the optimizer's).
         """
         groups, seen = [], set()
         if self._proxies is not None:
-            groups.append({"name": "loss/proxies", "params": [self._proxies.weight], "lr": lr})
+            groups.append(_group("loss/proxies", [self._proxies.weight], lr, weight_decay))
             seen.add(id(self._proxies.weight))
         for name, term in self.terms.items():
             own = [p for p in term.parameters() if p.requires_grad and id(p) not in seen]
             seen.update(id(p) for p in own)
             if own:
                 term_lr = getattr(term.loss, "param_lr", None)
+                term_wd = getattr(term.loss, "param_weight_decay", None)
                 groups.append(
-                    {"name": f"loss/{name}", "params": own, "lr": term_lr if term_lr is not None else lr}
+                    _group(
+                        f"loss/{name}",
+                        own,
+                        term_lr if term_lr is not None else lr,
+                        term_wd if term_wd is not None else weight_decay,
+                    )
                 )
-        if weight_decay is not None:
-            for group in groups:
-                group["weight_decay"] = weight_decay
         return groups
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -123,3 +132,10 @@ class CompositeLoss(nn.Module):
             total = total + self.weights[name] * value.float()
         out["loss"] = total
         return out
+
+
+def _group(name: str, params: list[nn.Parameter], lr: float, weight_decay: float | None) -> dict[str, Any]:
+    group = {"name": name, "params": params, "lr": lr}
+    if weight_decay is not None:
+        group["weight_decay"] = weight_decay
+    return group

@@ -164,6 +164,10 @@ class EasyPositiveMiner(_Miner):
     Negatives, chosen per anchor: ``all`` of them, the ``hard``-est, every ``semihard`` one relative to
     the easy positive (D(a,p) < D(a,n) <= D(a,p) + margin), one ``random``, or one
     ``distance_weighted``. Anchors without a positive or a negative are skipped.
+
+    With ``per_anchor=True`` and ``semihard``, each anchor gives one triplet: one of its semi-hard
+    negatives at random, or a random negative when it has none (the semi-hard sampling of the framework
+    the EPS paper builds on); D is the Euclidean distance either way.
     """
 
     def __init__(
@@ -172,6 +176,7 @@ class EasyPositiveMiner(_Miner):
         margin: float = 0.2,
         cutoff: float = 0.5,
         nonzero_loss_cutoff: float = 1.4,
+        per_anchor: bool = False,
         seed: int = 0,
     ):
         super().__init__(seed)
@@ -179,7 +184,9 @@ class EasyPositiveMiner(_Miner):
             raise ValueError(
                 f"EasyPositiveMiner negatives must be all|hard|semihard|random|distance_weighted, got {negatives!r}"
             )
-        self.negatives, self.margin = negatives, margin
+        if per_anchor and negatives == "all":
+            raise ValueError("EasyPositiveMiner(per_anchor=True) needs one negative per anchor, not 'all'")
+        self.negatives, self.margin, self.per_anchor = negatives, margin, per_anchor
         self._weighted = DistanceWeightedMiner(cutoff, nonzero_loss_cutoff)
 
     def easy_positives(self, dist: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +206,11 @@ class EasyPositiveMiner(_Miner):
         if len(a) == 0:
             return _empty(labels.device, 3)
         neg_rows = negative[a]
+        if self.negatives == "semihard" and self.per_anchor:
+            gap = dist[a] - dist[a, p][:, None]
+            semihard = neg_rows & (gap > 0) & (gap <= self.margin)
+            pool = torch.where(semihard.any(1, keepdim=True), semihard, neg_rows)
+            return a, p, self.sample(pool.float())
         if self.negatives in ("all", "semihard"):
             rows, n = torch.nonzero(neg_rows, as_tuple=True)
             aa, pp = a[rows], p[rows]
@@ -222,22 +234,36 @@ class MultiSimilarityMiner(_Miner):
     A negative pair (a, n) is kept when S_an + epsilon > min_p S_ap (harder than the anchor's hardest
     positive). Positive pairs: with ``positives='hard'`` (the paper) (a, p) is kept when
     S_ap - epsilon < max_n S_an; with ``positives='easy'`` (EPS + MS) each anchor keeps only its most
-    similar positive. Negative mining is the paper's either way.
+    similar positive. ``negative_reference='easy_positive'`` mines negatives against the anchor's
+    most similar positive instead (S_an + epsilon > max_p S_ap): relative to the positive EPS keeps.
     """
 
-    def __init__(self, epsilon: float = 0.1, positives: Literal["hard", "easy"] = "hard"):
+    def __init__(
+        self,
+        epsilon: float = 0.1,
+        positives: Literal["hard", "easy"] = "hard",
+        negative_reference: Literal["hardest_positive", "easy_positive"] = "hardest_positive",
+    ):
         super().__init__()
         if positives not in ("hard", "easy"):
             raise ValueError(f"MultiSimilarityMiner positives must be 'hard' or 'easy', got {positives!r}")
-        self.epsilon, self.positives = epsilon, positives
+        if negative_reference not in ("hardest_positive", "easy_positive"):
+            raise ValueError(
+                "MultiSimilarityMiner negative_reference must be 'hardest_positive' or 'easy_positive', "
+                f"got {negative_reference!r}"
+            )
+        self.epsilon, self.positives, self.negative_reference = epsilon, positives, negative_reference
 
     @torch.no_grad()
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Pairs:
         sim = cosine_similarity(embeddings)
         positive, negative = label_masks(labels)
-        hardest_pos = sim.masked_fill(~positive, float("inf")).min(1, keepdim=True).values
+        if self.negative_reference == "hardest_positive":
+            reference = sim.masked_fill(~positive, float("inf")).min(1, keepdim=True).values
+        else:
+            reference = sim.masked_fill(~positive, float("-inf")).max(1, keepdim=True).values
         hardest_neg = sim.masked_fill(~negative, float("-inf")).max(1, keepdim=True).values
-        a2, n = torch.nonzero(negative & (sim + self.epsilon > hardest_pos), as_tuple=True)
+        a2, n = torch.nonzero(negative & (sim + self.epsilon > reference), as_tuple=True)
         if self.positives == "hard":
             a1, p = torch.nonzero(positive & (sim - self.epsilon < hardest_neg), as_tuple=True)
         else:

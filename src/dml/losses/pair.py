@@ -45,26 +45,40 @@ class ContrastiveLoss(nn.Module):
 
 
 class TripletLoss(nn.Module):
-    """Triplet margin loss: (D(a,p) - D(a,n) + margin)_+, averaged over the non-zero triplets.
+    """Triplet margin loss: (D(a,p) - D(a,n) + margin)_+ over the triplets.
 
-    D is the Euclidean distance of L2-normalised embeddings (pytorch-metric-learning's
-    ``TripletMarginLoss`` with its default reducer).
+    By default D is the Euclidean distance of L2-normalised embeddings and the loss is averaged over
+    the non-zero triplets (pytorch-metric-learning's ``TripletMarginLoss`` with its default reducer).
+
+    Args:
+        margin: the margin.
+        squared: D is the squared Euclidean distance (the EPS paper's D, §3, and the triplet loss of the
+            framework it builds on).
+        reduction: ``mean_nonzero`` divides by the number of non-zero triplets, ``mean`` by the number
+            of triplets (the EPS framework's).
     """
 
-    def __init__(self, margin: float = 0.2):
+    reductions = ("mean_nonzero", "mean")
+
+    def __init__(self, margin: float = 0.2, squared: bool = False, reduction: str = "mean_nonzero"):
         super().__init__()
-        self.margin = margin
+        if reduction not in self.reductions:
+            raise ValueError(f"TripletLoss reduction must be one of {self.reductions}, got {reduction!r}")
+        self.margin, self.squared, self.reduction = margin, squared, reduction
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: Pairs | Triplets | None = None
     ) -> torch.Tensor:
-        dist = pairwise_distance(embeddings)
-        total, nonzero = 0 * dist.sum(), 0
+        if self.squared:
+            dist = (2 - 2 * cosine_similarity(embeddings)).clamp_min(0)
+        else:
+            dist = pairwise_distance(embeddings)
+        total, count = 0 * dist.sum(), 0
         for a, p, n in iter_triplets(indices, labels):
             values = F.relu(dist[a, p] - dist[a, n] + self.margin)
             total = total + values.sum()
-            nonzero += int((values > 0).sum())
-        return total / max(nonzero, 1)
+            count += int((values > 0).sum()) if self.reduction == "mean_nonzero" else len(values)
+        return total / max(count, 1)
 
 
 class MarginLoss(nn.Module):
@@ -81,6 +95,8 @@ class MarginLoss(nn.Module):
         per_class: one beta per class.
         learn_beta: make beta a parameter.
         beta_lr: learning rate of beta (its own optimizer group); ``None`` uses the loss group's.
+        beta_weight_decay: weight decay of beta; ``None`` uses the loss group's (the framework the EPS
+            paper builds on gives beta none).
         num_classes: needed with ``per_class``; supplied by :class:`CompositeLoss`.
     """
 
@@ -92,6 +108,7 @@ class MarginLoss(nn.Module):
         per_class: bool = False,
         learn_beta: bool = True,
         beta_lr: float | None = 5e-4,
+        beta_weight_decay: float | None = None,
         num_classes: int | None = None,
     ):
         super().__init__()
@@ -100,7 +117,7 @@ class MarginLoss(nn.Module):
         init = torch.full((num_classes if per_class else 1,), float(beta))
         self.beta = nn.Parameter(init, requires_grad=learn_beta)
         self.alpha, self.nu, self.per_class = alpha, nu, per_class
-        self.param_lr = beta_lr
+        self.param_lr, self.param_weight_decay = beta_lr, beta_weight_decay
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: Pairs | Triplets | None = None

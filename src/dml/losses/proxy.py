@@ -12,18 +12,22 @@ from dml.losses.tuples import cosine_similarity
 class ProxyBank(nn.Module):
     """One learnable proxy per training class, shape (num_classes, embedding_size).
 
-    Initialised kaiming-normal (fan_out) as in the Proxy-Anchor paper. One bank per model is shared by
+    Initialised kaiming-normal (fan_out) as in the Proxy-Anchor code, or normal with standard deviation
+    ``init_std`` (the AntiCo code draws randn / 8: ``init_std=0.125``). One bank per model is shared by
     every proxy-based term, so Proxy-Anchor and AntiCo's proxy variants move the same vectors.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int):
+    def __init__(self, num_classes: int, embedding_size: int, init_std: float | None = None):
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(
                 f"ProxyBank needs num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}"
             )
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
-        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+        if init_std is None:
+            nn.init.kaiming_normal_(self.weight, mode="fan_out")
+        else:
+            nn.init.normal_(self.weight, std=init_std)
 
     @classmethod
     def resolve(
