@@ -4,8 +4,10 @@ SHELL := /bin/bash
 
 VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
-DATA   ?= mnist
+DATA   ?=
 ARGS   ?=
+# The training setup a benchmark gets from make train (conf/preset/); PRESET= for none.
+PRESET ?= $(if $(filter cub cars sop inshop omniglot,$(DATA)),imagenet_finetune)
 CKPT   ?=
 # faiss-gpu where a GPU answers, faiss-cpu otherwise (never both in one venv).
 EXTRAS ?= $(shell nvidia-smi >/dev/null 2>&1 && echo dev,gpu || echo dev,cpu)
@@ -17,7 +19,8 @@ export PYTHONUNBUFFERED := 1
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
-	@echo "  variables: DATA=$(DATA) ARGS='<hydra overrides>' CKPT=<checkpoint> EXTRAS=$(EXTRAS)"
+	@echo "  variables: DATA=<dataset, default mnist> PRESET=<training setup, default imagenet_finetune for image benchmarks>"
+	@echo "             ARGS='<hydra overrides>' CKPT=<checkpoint> EXTRAS=$(EXTRAS)"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,10 +31,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed ## Create .venv and install dml with dev tools and faiss (gpu or cpu)
 
 data: $(VENV)/.installed ## Prepare a dataset once and print its splits: make data DATA=cub
-	$(PYTHON) prepare.py dataset=$(DATA) $(ARGS)
+	$(PYTHON) prepare.py $(if $(DATA),dataset=$(DATA)) $(ARGS)
 
-train: $(VENV)/.installed ## Train: make train DATA=mnist ARGS="loss.antico_weight=0.5 trainer.max_epochs=20"
-	$(PYTHON) train.py dataset=$(DATA) $(ARGS)
+train: $(VENV)/.installed ## Train: make train [DATA=cub] [ARGS="experiment=antico_cub_r50 trainer=gpu"]
+	$(PYTHON) train.py $(if $(DATA),dataset=$(DATA)) $(if $(PRESET),preset=$(PRESET)) $(ARGS)
 
 evaluate: $(VENV)/.installed ## Evaluate a checkpoint: make evaluate CKPT=logs/train/runs/<run>/checkpoints/last.ckpt
 	@test -n "$(CKPT)" || { echo "error: give CKPT=<path to a .ckpt written by make train>"; exit 2; }

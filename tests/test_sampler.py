@@ -103,5 +103,5 @@ def test_datamodule_sampler_choice(compose_cfg):
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     assert isinstance(loader.batch_sampler, RandomBatchSampler) and loader.batch_sampler.batch_size == 25
-    with pytest.raises(UserError, match="dataset.sampler='balanced'"):
+    with pytest.raises(Exception, match="dataset.sampler='balanced' is not one of class_balanced, random"):
         instantiate(compose_cfg(["experiment=synthetic_smoke", "dataset.sampler=balanced"]).dataset)
