@@ -83,3 +83,39 @@ def test_default_run_is_proxy_anchor_plus_antico_on_mnist(compose_cfg):
     assert set(cfg.loss.terms) == {"proxy_anchor", "antico"}
     assert cfg.loss.terms.antico.loss.variant == "batch_proxy"
     assert cfg.trainer.use_distributed_sampler is False
+
+
+@pytest.mark.parametrize("dataset", GROUPS["dataset"])
+def test_a_dataset_choice_sets_data_only(compose_cfg, dataset):
+    """dataset= used to pick the backbone and rewrite optimizer.lr, warm-up and epochs."""
+    default = OmegaConf.to_container(compose_cfg([]), resolve=False)
+    chosen = OmegaConf.to_container(compose_cfg([f"dataset={dataset}"]), resolve=False)
+    default.pop("dataset"), chosen.pop("dataset")
+    assert chosen == default
+
+
+PRECEDENCE = {
+    # overrides: (optimizer, backbone lr the optimizer receives, warm-up epochs)
+    ("dataset=cub", "optimizer=adam"): ("Adam", 1e-5, 0),
+    ("dataset=cub", "preset=imagenet_finetune"): ("AdamW", 1e-4, 1),
+    ("dataset=cub", "preset=imagenet_finetune", "optimizer=adam"): ("Adam", 1e-5, 1),
+    ("dataset=cub", "preset=imagenet_finetune", "optimizer=adamw"): ("AdamW", 1e-3, 1),
+    ("experiment=antico_cub_r50", "optimizer=adamw"): ("AdamW", 1e-3, 0),
+    ("preset=imagenet_finetune", "experiment=antico_cub_r50"): ("Adam", 1e-5, 0),
+    ("experiment=proxy_anchor_sop_r50", "optimizer.lr=3e-4"): ("AdamW", 3e-4, 1),
+}
+
+
+@pytest.mark.parametrize("overrides", list(PRECEDENCE), ids=[" ".join(o) for o in PRECEDENCE])
+def test_group_precedence(compose_cfg, overrides):
+    """An explicit group choice trains with that option's own values; a value override beats all;
+    a recipe's setup beats a preset's."""
+    cfg = compose_cfg(list(overrides))
+    if "pretrained" in cfg.backbone:
+        cfg.backbone.pretrained = False
+    module = build_module(cfg)
+    optimizer = module.configure_optimizers()["optimizer"]
+    name, lr, warmup = PRECEDENCE[overrides]
+    assert type(optimizer).__name__ == name
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == pytest.approx(lr)
+    assert module.warmup_epochs == warmup

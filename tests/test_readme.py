@@ -1,0 +1,53 @@
+"""Every command in the README's code blocks composes: python train.py / evaluate.py / prepare.py lines
+as written, make lines as the Makefile expands them (make -n)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "prepare.py": "prepare"}
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [
+        line
+        for line in lines
+        if re.search(r"\b(train|evaluate|prepare)\.py\b|^make (train|evaluate|data)\b", line)
+    ]
+
+
+def expand(command: str) -> list[str]:
+    """The python command line a README line runs."""
+    if command.startswith("make "):
+        out = subprocess.run(
+            ["make", "-n", *shlex.split(command)[1:]], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        command = out.stdout.strip().splitlines()[-1]
+    return shlex.split(command)
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_shows_commands():
+    assert len(COMMANDS) > 15
+    assert any(c.startswith("make train") for c in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_composes(compose_cfg, command):
+    words = expand(re.sub(r"<[^>]*>", "x", command))
+    script = next(w for w in words if w.endswith(tuple(SCRIPTS)))
+    args = [w for w in words[words.index(script) + 1 :] if w not in ("-m", "--cfg", "job")]
+    if "-m" in words:  # a sweep: compose its first combination
+        args = [a if "[" in a else re.sub(r"=([^,]*),.*", r"=\1", a) for a in args]
+    cfg = compose_cfg(args, name=SCRIPTS[script.rsplit("/", 1)[-1]])
+    assert cfg.task_name == SCRIPTS[script.rsplit("/", 1)[-1]]
