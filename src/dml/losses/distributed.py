@@ -4,7 +4,9 @@ With B/N items on each of N ranks, each rank gathers all B embeddings (its own c
 gradient), so every rank computes the loss of the whole batch, as one process with B would. DDP then
 averages gradients over ranks: parameters that only the local chunk reaches (backbone, head) receive
 1/N of the single-process gradient, so :func:`rescale_local_gradients` multiplies them by N; parameters
-that every rank's loss reaches in full (proxies, margin beta) already average to the right value.
+that every rank's loss reaches in full (proxies, margin beta) already average to the right value. The
+rescaling happens once per optimizer step, on the accumulated gradient (DMLModule.on_before_optimizer_step):
+after each backward it would count the micro-batches accumulated before it N times over.
 """
 
 from __future__ import annotations
