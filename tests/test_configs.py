@@ -103,6 +103,10 @@ PRECEDENCE = {
     ("experiment=antico_cub_r50", "optimizer=adamw"): ("AdamW", 1e-3, 0),
     ("preset=imagenet_finetune", "experiment=antico_cub_r50"): ("Adam", 1e-5, 0),
     ("experiment=proxy_anchor_sop_r50", "optimizer.lr=3e-4"): ("AdamW", 3e-4, 1),
+    ("experiment=proxy_anchor_sop_r50", "optimizer=adam"): ("Adam", 1e-5, 1),
+    ("experiment=proxy_anchor_cub_r50", "scheduler=cosine"): ("AdamW", 1e-4, 5),
+    ("experiment=proxy_anchor_cub_r50", "~scheduler"): ("AdamW", 1e-4, 5),
+    ("experiment=antico_cub_r50", "loss=ms"): ("Adam", 1e-5, 0),
 }
 
 
@@ -114,8 +118,12 @@ def test_group_precedence(compose_cfg, overrides):
     if "pretrained" in cfg.backbone:
         cfg.backbone.pretrained = False
     module = build_module(cfg)
-    optimizer = module.configure_optimizers()["optimizer"]
+    config = module.configure_optimizers()  # builds the scheduler too: a stray key would fail here
+    optimizer = config["optimizer"] if isinstance(config, dict) else config
     name, lr, warmup = PRECEDENCE[overrides]
+    chosen = {o.split("=")[0].lstrip("~"): o.split("=")[-1] for o in overrides}
+    if "loss" in chosen:  # the recipe's loss values stay out of a loss chosen instead of its own
+        assert list(module.loss.terms) == list(compose_cfg([f"loss={chosen['loss']}"]).loss.terms)
     assert type(optimizer).__name__ == name
     assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == pytest.approx(lr)
     assert module.warmup_epochs == warmup

@@ -123,3 +123,35 @@ def test_frozen_batchnorm_keeps_its_statistics_through_lightning_training(compos
     assert modes and not any(modes), "BatchNorm in training mode during a training step"
     after = module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2, 3])
+def test_epoch_schedule_steps_once_per_epoch_with_gradient_accumulation(compose_cfg, accumulate):
+    """StepLR(1, 0.5) halves the lr once per epoch whatever accumulate_grad_batches is: the schedule's
+    frequency counted optimizer steps while Lightning counts batches, so with accumulation it fired
+    several times an epoch."""
+    cfg = compose_cfg(
+        [
+            "experiment=synthetic_smoke",
+            "scheduler=step",
+            "scheduler.step_size=1",
+            "dataset.images_per_mode=20",
+        ]
+    )
+    datamodule, module = instantiate(cfg.dataset), build_module(cfg)
+    seen = []
+    module.on_train_epoch_start = lambda: seen.append(module.trainer.optimizers[0].param_groups[0]["lr"])
+    trainer = L.Trainer(
+        max_epochs=3,
+        limit_train_batches=12,  # with 2 accumulated, the old frequency (6 steps) fired at batches 6 and 12
+        limit_val_batches=0,
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    base = cfg.optimizer.lr
+    assert seen == pytest.approx([base, base / 2, base / 4])

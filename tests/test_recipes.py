@@ -260,7 +260,7 @@ def test_recipe_gives_the_published_settings(compose_cfg, name):
     assert module.head.out_dim == card.embedding
     name_, pooling, frozen = card.backbone
     backbone = module.backbone
-    assert getattr(backbone, "model", backbone).__class__.__name__ == name_ or cfg.backbone.name == name_
+    assert cfg.backbone.get("name", type(backbone).__name__) == name_
     assert backbone.pooling == pooling and backbone.freeze_bn == frozen
     batchnorm = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert all(p.requires_grad != frozen for m in batchnorm for p in m.parameters())

@@ -260,8 +260,9 @@ class MultiSimilarityMiner(_Miner):
         positive, negative = label_masks(labels)
         if self.negative_reference == "hardest_positive":
             reference = sim.masked_fill(~positive, float("inf")).min(1, keepdim=True).values
-        else:
+        else:  # an anchor without a positive mines no negative, as with the hardest positive (+inf)
             reference = sim.masked_fill(~positive, float("-inf")).max(1, keepdim=True).values
+            reference = reference.masked_fill(~positive.any(1, keepdim=True), float("inf"))
         hardest_neg = sim.masked_fill(~negative, float("-inf")).max(1, keepdim=True).values
         a2, n = torch.nonzero(negative & (sim + self.epsilon > reference), as_tuple=True)
         if self.positives == "hard":

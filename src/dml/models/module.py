@@ -238,12 +238,16 @@ class DMLModule(L.LightningModule):
             return optimizer
         # Epoch schedules step on the epoch's last batch, not after it: Lightning steps "epoch"
         # schedulers after the checkpoint of that epoch is written, so a resumed run would lag by one.
+        # Lightning counts a "step" schedule's frequency in batches (batch_idx + 1, checked at each
+        # optimizer step), not in optimizer steps: with gradient accumulation the batches per epoch are
+        # what puts the step on the epoch's last batch.
         trainer = self._trainer  # None outside a Trainer (then: a plain epoch schedule)
-        epochs = trainer.max_epochs if trainer is not None else None
         scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}
-        if epochs and epochs > 0:
-            per_epoch = max(1, int(trainer.estimated_stepping_batches) // epochs)
-            scheduler |= {"interval": "step", "frequency": per_epoch}
+        if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0:
+            _ = trainer.estimated_stepping_batches  # sets up the training data: the batch count is known
+            batches = trainer.num_training_batches
+            if batches != float("inf"):
+                scheduler |= {"interval": "step", "frequency": max(1, int(batches))}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
