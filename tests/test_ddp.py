@@ -22,16 +22,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ranks_draw_disjoint_classes_and_every_loss_family_equals_one_process():
+def run_worker(module: str) -> str:
+    """Run a tests/ddp_*_worker module (it spawns its own gloo ranks); its output, once it succeeded."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.ddp_loss_worker", str(free_port())],
+        [sys.executable, "-m", module, str(free_port())],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 15, proc.stdout  # the sampler and 14 loss terms
+    return proc.stdout
+
+
+def test_ranks_draw_disjoint_classes_and_every_loss_family_equals_one_process():
+    out = run_worker("tests.ddp_loss_worker")
+    assert out.count(" ok") == 15, out  # the sampler and 14 loss terms
 
 
 def test_ddp_training_and_evaluation_match_one_process(tmp_path):
@@ -82,15 +88,8 @@ def test_multirun_sweep_under_ddp_runs_every_combination(tmp_path):
 
 
 def test_each_rank_resumes_with_its_own_random_state():
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.ddp_resume_worker", str(free_port())],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 2, proc.stdout
+    out = run_worker("tests.ddp_resume_worker")
+    assert out.count(" ok") == 2, out
 
 
 @pytest.mark.parametrize("loss", ["antico", "ms_antico"])

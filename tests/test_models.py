@@ -62,6 +62,20 @@ def test_pretrained_file_loads_local_weights(tmp_path):
         TimmBackbone("test_resnet", pretrained_file=str(tmp_path / "missing.pth"))
 
 
+def fit_on_cpu(module, datamodule, **trainer_args) -> L.Trainer:
+    """Fit with a bare Lightning Trainer on CPU (no logger, checkpoints or progress bar)."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        **trainer_args,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
 def test_param_groups_take_their_lr_multipliers(compose_cfg):
     cfg = compose_cfg(["model.lr_mult.loss=50", "optimizer.lr=0.01"])
     module = build_module(cfg)
@@ -79,16 +93,12 @@ def test_warmup_keeps_the_backbone_frozen(compose_cfg):
 
     datamodule, module = instantiate(cfg.dataset), build_module(cfg)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = L.Trainer(
+    fit_on_cpu(
+        module,
+        datamodule,
         max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         limit_val_batches=0,
-        use_distributed_sampler=False,
     )
-    trainer.fit(module, datamodule=datamodule)
     after = module.state_dict()
     assert all(
         torch.equal(before[k], after[k])
@@ -109,17 +119,13 @@ def test_frozen_batchnorm_keeps_its_statistics_through_lightning_training(compos
     module.on_train_batch_start = lambda *args: modes.extend(
         m.training for m in module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)
     )
-    trainer = L.Trainer(
+    fit_on_cpu(
+        module,
+        datamodule,
         max_epochs=2,
         limit_train_batches=2,
         limit_val_batches=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
     )
-    trainer.fit(module, datamodule=datamodule)
     assert modes and not any(modes), "BatchNorm in training mode during a training step"
     after = module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -141,17 +147,13 @@ def test_epoch_schedule_steps_once_per_epoch_with_gradient_accumulation(compose_
     datamodule, module = instantiate(cfg.dataset), build_module(cfg)
     seen = []
     module.on_train_epoch_start = lambda: seen.append(module.trainer.optimizers[0].param_groups[0]["lr"])
-    trainer = L.Trainer(
+    fit_on_cpu(
+        module,
+        datamodule,
         max_epochs=3,
         limit_train_batches=12,  # with 2 accumulated, the old frequency (6 steps) fired at batches 6 and 12
         limit_val_batches=0,
         accumulate_grad_batches=accumulate,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
     )
-    trainer.fit(module, datamodule=datamodule)
     base = cfg.optimizer.lr
     assert seen == pytest.approx([base, base / 2, base / 4])
