@@ -3,6 +3,7 @@ as written, make lines as the Makefile expands them (make -n)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -27,10 +28,18 @@ def readme_commands() -> list[str]:
 def expand(command: str) -> list[str]:
     """The python command line a README line runs."""
     if command.startswith("make "):
+        # Under `make test-all` this make is nested: drop the parent's variables, and its
+        # "Entering directory" lines, so the output is just the recipe.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
         out = subprocess.run(
-            ["make", "-n", *shlex.split(command)[1:]], cwd=ROOT, capture_output=True, text=True, check=True
+            ["make", "--no-print-directory", "-n", *shlex.split(command)[1:]],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
-        command = out.stdout.strip().splitlines()[-1]
+        command = next(line for line in reversed(out.stdout.splitlines()) if re.search(r"\w\.py\b", line))
     return shlex.split(command)
 
 
