@@ -19,6 +19,7 @@ from dml.losses.tuples import (
     iter_triplets,
     mean_of_nonzero,
     pairwise_distance,
+    squared_distance,
     to_pairs,
 )
 
@@ -69,10 +70,7 @@ class TripletLoss(nn.Module):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: Pairs | Triplets | None = None
     ) -> torch.Tensor:
-        if self.squared:
-            dist = (2 - 2 * cosine_similarity(embeddings)).clamp_min(0)
-        else:
-            dist = pairwise_distance(embeddings)
+        dist = squared_distance(embeddings) if self.squared else pairwise_distance(embeddings)
         total, count = 0 * dist.sum(), 0
         for a, p, n in iter_triplets(indices, labels):
             values = F.relu(dist[a, p] - dist[a, n] + self.margin)

@@ -95,9 +95,14 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.T
         return x @ y.T
 
 
+def squared_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared Euclidean distances between L2-normalised rows: 2 - 2 cos, never below 0."""
+    return (2 - 2 * cosine_similarity(x, y)).clamp_min(0)
+
+
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Euclidean distances between L2-normalised rows, from 2 - 2 cos; finite gradient at 0."""
-    return (2 - 2 * cosine_similarity(x, y)).clamp_min(1e-12).sqrt()
+    return squared_distance(x, y).clamp_min(1e-12).sqrt()
 
 
 def mean_of_nonzero(values: torch.Tensor) -> torch.Tensor:
