@@ -1,6 +1,7 @@
 """A callback for tests that kills the training process abruptly, as a node failure would."""
 
 import os
+import signal as signal_module
 
 import lightning as L
 
@@ -14,3 +15,15 @@ class CrashAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step >= self.step:
             os._exit(9)
+
+
+class SignalAtStep(L.Callback):
+    """Sends ``signal`` (a name such as ``SIGTERM``) to this process once ``step`` optimizer steps are
+    done, as ``kill``, a scheduler's time limit or Ctrl+C would."""
+
+    def __init__(self, step: int, signal: str):
+        self.step, self.signal = step, signal
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal_module, self.signal))

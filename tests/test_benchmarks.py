@@ -209,7 +209,7 @@ def test_make_train_and_evaluate_on_each_fixture_benchmark(tmp_path, name):
     ckpt = next((run / "checkpoints").glob("epoch_*.ckpt"))
     evaluated = make_command("evaluate", CKPT=str(ckpt), ARGS=f"hydra.run.dir={tmp_path / 'eval'}")
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
-    assert json.loads((ckpt.parent / "metrics.json").read_text())["metrics"] == pytest.approx(
+    assert json.loads(ckpt.with_name(f"{ckpt.stem}.metrics.json").read_text())["metrics"] == pytest.approx(
         json.loads((run / "test_metrics.json").read_text()), abs=1e-6
     )
 

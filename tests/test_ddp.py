@@ -52,7 +52,7 @@ def test_ddp_training_and_evaluation_match_one_process(tmp_path):
     for name, extra in (("one", ["trainer.accelerator=cpu"]), ("two", ["trainer=ddp_sim"])):
         ev = run_entry("evaluate.py", [f"ckpt_path={ckpt}", *extra, f"hydra.run.dir={tmp_path / name}"])
         assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
-        results[name] = json.loads((ckpt.parent / "metrics.json").read_text())["metrics"]
+        results[name] = json.loads(ckpt.with_name(f"{ckpt.stem}.metrics.json").read_text())["metrics"]
     assert results["two"] == pytest.approx(results["one"], abs=1e-6)
 
 

@@ -55,7 +55,7 @@ def test_evaluate_reproduces_the_test_metrics_training_printed(trained, tmp_path
         "evaluate.py", [f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}", "trainer.accelerator=cpu"]
     )
     assert ev.returncode == 0, out_of(ev)
-    written = json.loads((ckpt.parent / "metrics.json").read_text())
+    written = json.loads(ckpt.with_name(f"{ckpt.stem}.metrics.json").read_text())
     assert written["metrics"] == pytest.approx(trained_metrics, abs=1e-6)
     assert printed_metrics(out_of(ev)) == printed_metrics(out_of(proc))
     assert len(printed_metrics(out_of(ev))) == 11  # 4 recalls, MAP@R, R-Precision, NMI, 4 collapse measures
@@ -74,10 +74,7 @@ def test_checkpoint_of_another_model_is_refused_with_advice(trained, tmp_path):
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     proc = run_entry("evaluate.py", [f"ckpt_path={ckpt}", "head.out_dim=32", f"hydra.run.dir={tmp_path}"])
     assert_user_error(proc, "written by a different model", "head.linear.weight")
-    assert (
-        not (ckpt.parent / "metrics.json").exists()
-        or "head" not in (ckpt.parent / "metrics.json").read_text()
-    )
+    assert not ckpt.with_name("last.metrics.json").exists(), "a refused checkpoint gets no metrics file"
 
 
 def test_not_a_dml_checkpoint(tmp_path):

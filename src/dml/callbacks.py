@@ -10,6 +10,7 @@ import torch
 
 from dml.evaluation.collapse import singular_values
 from dml.evaluation.pictures import embedding_map, spectrum_plot, split_retrievals
+from dml.evaluation.protocol import EvaluationProtocol
 from dml.log import get_logger
 
 log = get_logger(__name__)
@@ -54,13 +55,13 @@ class EmbeddingPictures(L.Callback):
             return
         if trainer.sanity_checking:
             return
-        x, y, split = result.embeddings, result.labels, result.split
+        x, y, protocol = result.embeddings, result.labels, result.protocol
         paths = [
             embedding_map(x, y, self.dirpath / f"{stage}_embedding_map.png", self.max_points, self.method),
             spectrum_plot(singular_values(x), self.dirpath / f"{stage}_spectrum.png"),
         ]
-        if split is not None and len(split) > 1:
-            paths.append(self._grid(x, y, split, self.dirpath / f"{stage}_retrievals.png"))
+        if protocol.raw_image is not None and len(y) > 1:
+            paths.append(self._grid(x, y, protocol, self.dirpath / f"{stage}_retrievals.png"))
         self.written = paths
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
@@ -68,7 +69,9 @@ class EmbeddingPictures(L.Callback):
                     logger.log_image(key=f"{stage}/{p.stem.removeprefix(stage + '_')}", images=[str(p)])
         log.info("pictures of the %s embeddings: %s", stage, self.dirpath)
 
-    def _grid(self, x: torch.Tensor, y: torch.Tensor, split, path: Path) -> Path:
-        pool = torch.arange(len(y)) if split.roles is None else torch.nonzero(split.roles == 0).flatten()
+    def _grid(self, x: torch.Tensor, y: torch.Tensor, protocol: EvaluationProtocol, path: Path) -> Path:
+        roles = protocol.roles
+        pool = torch.arange(len(y)) if roles is None else torch.nonzero(roles == 0).flatten()
         step = max(1, len(pool) // self.num_queries)
-        return split_retrievals(x, y, split, pool[::step][: self.num_queries], path, self.top_k)
+        queries = pool[::step][: self.num_queries]
+        return split_retrievals(x, y, roles, protocol.raw_image, queries, path, self.top_k)

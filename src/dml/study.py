@@ -59,7 +59,9 @@ class Embedded:
 
     def retrievals_picture(self, queries: torch.Tensor, path: str | Path, top_k: int = 5) -> Path:
         """The queries and their ``top_k`` nearest items, wrong ones framed in red."""
-        return split_retrievals(self.embeddings, self.labels, self.split, queries, path, top_k)
+        return split_retrievals(
+            self.embeddings, self.labels, self.split.roles, self.split.raw_image, queries, path, top_k
+        )
 
 
 QUIET = ["callbacks=no_progress", "trainer.enable_progress_bar=false", "~logger"]

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -21,6 +24,16 @@ from dml.callbacks import EmbeddingPictures
 from dml.errors import UserError
 from dml.log import get_logger
 from dml.models import DMLModule
+from dml.runs import (
+    AtomicCheckpointIO,
+    RunStopped,
+    check_resume,
+    check_same_model,
+    claim_run_dir,
+    read_checkpoint,
+    resolve_ckpt_path,
+    stop_message,
+)
 
 log = get_logger(__name__)
 
@@ -80,29 +93,80 @@ def _metrics_table(title: str, metrics: dict[str, float]) -> str:
     return f"{title}\n{console.export_text()}"
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"could not write {path} ({e.strerror or e}); free disk space or choose another folder"
+        ) from e
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    _write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+class MonitoredMetricsCheck(L.Callback):
+    """Checks, once the data are set up and before the first batch, that every metric the config
+    monitors (``monitor.metric``, ``optimized_metric``, callbacks' ``monitor``) is one the module logs."""
+
+    def __init__(self, keys: dict[str, str | None]):
+        self.keys = keys
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        names = module.metric_names()
+        keys = dict(self.keys)
+        for callback in trainer.callbacks:
+            if getattr(callback, "monitor", None) and callback.monitor not in keys.values():
+                keys[f"callbacks ({type(callback).__name__}) monitor"] = callback.monitor
+        for key, metric in keys.items():
+            if metric and metric not in names:
+                raise UserError(
+                    f"{key}={metric} is not a metric this run logs; choose one of: {', '.join(names)}"
+                )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured model, then test its best checkpoint. Returns every logged metric."""
-    L.seed_everything(cfg.seed, workers=True)
+    """Fit the configured model, then test its best checkpoint. Returns every logged metric.
+
+    Raises:
+        UserError: the run folder holds another run, the checkpoint to resume from is unusable or was
+            trained with other optimizer settings, a monitored metric is not logged, or training stopped
+            on an error (the message says how to resume).
+        RunStopped: a signal (SIGTERM, SIGINT) stopped training; the message says how to resume.
+    """
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    claim_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_data_and_module(cfg)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if ckpt is not None:
+        payload = read_checkpoint(ckpt)
+        check_same_model(ckpt, payload["state_dict"], module)
+        check_resume(ckpt, payload["dml_config"], cfg)
+        del payload
+    _write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    monitored = {"monitor.metric": cfg.get("monitor", {}).get("metric")}
+    if _is_multirun() and cfg.get("optimized_metric"):
+        monitored["optimized_metric"] = cfg.optimized_metric
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), MonitoredMetricsCheck(monitored)]
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    stage = "training"
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.get("test"):
+            stage = "testing"
             if not best:
                 log.info(
                     "no checkpoint was saved (fast_dev_run or no checkpoint callback): testing the final weights"
@@ -122,6 +186,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("logs and config: %s", output_dir)
         if module.test_results:
             _write_json_atomic(output_dir / "test_metrics.json", module.test_results)
+    except SystemExit as e:  # Lightning ends a run stopped by SIGTERM or Ctrl+C (SIGINT) with SystemExit
+        if isinstance(e, SIGTERMException) or trainer.interrupted:
+            name, code = ("SIGTERM", 143) if isinstance(e, SIGTERMException) else ("SIGINT (Ctrl+C)", 130)
+            raise RunStopped(stop_message(cfg, f"{stage} was stopped by {name}"), code) from e
+        raise
+    except UserError as e:
+        if stage == "training" and (output_dir / "checkpoints" / "last.ckpt").is_file():
+            raise UserError(stop_message(cfg, str(e))) from e
+        raise
     finally:
         if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
             import wandb
@@ -132,21 +205,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def load_checkpoint(ckpt_path: Path) -> tuple[DictConfig, dict[str, Any]]:
     """The run config stored in a checkpoint written by train.py, and its state dict."""
-    if not ckpt_path.is_file():
-        raise UserError(
-            f"checkpoint {ckpt_path} not found; pass ckpt_path=<path to a .ckpt written by train.py>"
-        )
-    try:
-        payload = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any load failure means the file is not a usable checkpoint
-        raise UserError(
-            f"{ckpt_path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})"
-        ) from e
-    if not isinstance(payload, dict) or not payload.get("dml_config") or "state_dict" not in payload:
-        raise UserError(
-            f"{ckpt_path} is not a checkpoint written by dml's train.py (it has no dml_config); "
-            "evaluate a checkpoint from a dml run's checkpoints/ folder"
-        )
+    payload = read_checkpoint(ckpt_path)
     return OmegaConf.create(payload["dml_config"]), payload["state_dict"]
 
 
@@ -162,7 +221,7 @@ def _command_line_keys() -> list[str]:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test one checkpoint, or several (``ckpt_path=[a.ckpt,b.ckpt]``) side by side.
 
-    Each checkpoint's metrics are printed, written to metrics.json beside it, and its pictures drawn
+    Each checkpoint's metrics are printed, written to ``<checkpoint>.metrics.json`` beside it, and its pictures drawn
     into ``<evaluate run dir>/pictures/<run>_<checkpoint>/``. Several checkpoints end in one table.
     Returns the metrics of the last one.
     """
@@ -183,7 +242,10 @@ def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
     keys = _command_line_keys()
     for key in keys:
         if key.split(".")[0] in MODEL_KEYS:
-            OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
+            # A group choice (dataset=cub) replaces the stored group; a key (dataset.root=...) patches it.
+            OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge="." in key, force_add=True)
+    if any(k.startswith("paths.") for k in keys) and not any(k.split(".")[0] == "dataset" for k in keys):
+        _move_data_root(run_cfg, cfg)
     L.seed_everything(run_cfg.get("seed", 0), workers=True)
     datamodule, module = build_data_and_module(run_cfg)
     try:
@@ -210,10 +272,29 @@ def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = module.test_results
     log.info("%s", _metrics_table(f"test ({datamodule.name}, unseen classes) - {ckpt_path.name}", metrics))
-    out = ckpt_path.parent / "metrics.json"
-    _write_json_atomic(out, {"checkpoint": str(ckpt_path), "metrics": metrics})
+    record = {"checkpoint": str(ckpt_path), "metrics": metrics}
+    out = ckpt_path.with_name(f"{ckpt_path.stem}.metrics.json")
+    try:
+        _write_json_atomic(out, record)
+    except UserError as e:  # a read-only checkpoint folder: the evaluation's own folder keeps them
+        out = Path(cfg.paths.output_dir) / f"{ckpt_path.parent.parent.name}_{ckpt_path.stem}.metrics.json"
+        log.warning("%s; writing the metrics to %s instead", e, out)
+        _write_json_atomic(out, record)
     log.info("metrics written to %s", out)
     return metrics
+
+
+def _move_data_root(run_cfg: DictConfig, cfg: DictConfig) -> None:
+    """Point the stored dataset root into this command's ``paths.data_dir`` (same place within it)."""
+    root, stored_data_dir = run_cfg.dataset.get("root"), run_cfg.get("paths", {}).get("data_dir")
+    if not root:
+        return
+    try:
+        relative = Path(root).relative_to(stored_data_dir) if stored_data_dir else Path(Path(root).name)
+    except ValueError:
+        relative = Path(Path(root).name)
+    run_cfg.dataset.root = str(Path(cfg.paths.data_dir) / relative)
+    log.info("dataset.root: %s (was %s when trained)", run_cfg.dataset.root, root)
 
 
 def _comparison_table(results: dict[str, dict[str, float]]) -> str:
@@ -239,18 +320,69 @@ def _find_user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-def run_cli(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
-    """Run ``task`` for a ``@hydra.main`` shim: user errors end in their message alone (exit code 2).
+def _user_message(error: UserError) -> str:
+    """The error's own message; a DataLoader worker's copy of it carries the worker's traceback first."""
+    text = str(error)
+    marker = f"{UserError.__module__}.{UserError.__name__}: "
+    return text[text.rindex(marker) + len(marker) :].strip() if marker in text else text
 
-    Returns the value of ``optimized_metric`` when configured, for Hydra sweepers.
+
+def _is_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not under @hydra.main
+        return False
+
+
+def _record_failed_job(cfg: DictConfig, error: Exception, user_error: UserError | None) -> None:
+    """Keep a failed sweep job's reason in ``<job dir>/FAILED`` (listed when the sweep ends) and go on."""
+    reason = _user_message(user_error) if user_error else "".join(traceback.format_exception(error))
+    overrides = " ".join(HydraConfig.get().overrides.task)
+    output_dir = Path(cfg.paths.output_dir)
+    log.error("job %s failed; the sweep goes on:\n%s", output_dir.name, reason)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(output_dir / "FAILED", f"overrides: {overrides}\n{reason}\n")
+    except UserError as e:
+        log.error("%s", e)
+
+
+def run_cli(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
+    """Run ``task`` for a ``@hydra.main`` shim and return ``optimized_metric`` for Hydra sweepers.
+
+    A user error ends in its message alone (exit code 2), a run stopped by a signal in its message and
+    the signal's exit code (130 SIGINT, 143 SIGTERM). In a sweep, a job that fails is recorded as failed
+    (``<job dir>/FAILED``; NaN for Optuna, a failed trial) and the sweep goes on;
+    :class:`SweepFailures` lists the failed jobs at the end.
     """
     try:
         metrics = task(cfg)
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)  # noqa: T201 - the message a user must see
+        sys.exit(e.exit_code)
     except Exception as e:
         user_error = _find_user_error(e)
+        if _is_multirun():
+            _record_failed_job(cfg, e, user_error)
+            return float("nan") if cfg.get("optimized_metric") else None
         if user_error is None:
             raise
-        print(f"error: {user_error}", file=sys.stderr)  # noqa: T201 - the message a user must see
+        print(f"error: {_user_message(user_error)}", file=sys.stderr)  # noqa: T201 - the message a user must see
         sys.exit(2)
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None
+
+
+class SweepFailures(Callback):
+    """Hydra callback: after a sweep, list its failed jobs (their ``FAILED`` files) and exit with 1."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        failed = sorted(Path(config.hydra.sweep.dir).glob("*/FAILED"), key=lambda p: p.parent.name)
+        if not failed:
+            return
+        lines = [f"  {p.parent}: {p.read_text().splitlines()[-1]}" for p in failed]
+        print(  # noqa: T201 - the summary a user must see
+            f"error: {len(failed)} job(s) of the sweep failed (the others finished):\n" + "\n".join(lines),
+            file=sys.stderr,
+        )
+        sys.exit(1)

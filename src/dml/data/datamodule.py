@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dml.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 from dml.errors import UserError
+from dml.evaluation.protocol import EvaluationProtocol
 from dml.log import get_logger
 
 log = get_logger(__name__)
@@ -73,6 +74,10 @@ class RetrievalSplit(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[i]), i
+
+    def raw_image(self, position: int) -> Any:
+        """The item at ``position`` as read from its source, without the transform."""
+        return self.source.load(int(self.indices[position]))
 
     @property
     def num_classes(self) -> int:
@@ -147,8 +152,11 @@ class RetrievalDataModule(L.LightningDataModule):
 
     # --- shared ---------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+        if not self.splits:
+            self._build_splits()
+        self._hand_over_protocols()
+
+    def _build_splits(self) -> None:
         raw = self.load_raw()
         train, test = raw["train"], raw["test"]
         for split_name, split in raw.items():
@@ -196,6 +204,22 @@ class RetrievalDataModule(L.LightningDataModule):
             log.info(
                 "no validation classes held out (dataset.val_classes=0): validation runs on the test split"
             )
+
+    def evaluation_protocol(self, stage: str) -> EvaluationProtocol:
+        """How the split evaluated at ``stage`` (``val`` or ``test``) is scored."""
+        split = self.splits[self.val_split_name if stage == "val" else "test"]
+        return EvaluationProtocol(
+            recall_ks=tuple(self.recall_ks),
+            roles=split.roles,
+            extra_labels=dict(split.extra_labels),
+            raw_image=split.raw_image,
+        )
+
+    def _hand_over_protocols(self) -> None:
+        # Once, when the splits are known: the module being fitted or tested learns how to score them.
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and hasattr(module, "set_evaluation_protocols"):
+            module.set_evaluation_protocols({s: self.evaluation_protocol(s) for s in ("val", "test")})
 
     def summary(self) -> str:
         """Classes and images of each split, one line each."""

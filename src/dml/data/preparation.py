@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 import tempfile
@@ -28,6 +29,8 @@ log = get_logger(__name__)
 
 INDEX_NAME = "dml_index.json"
 INDEX_VERSION = 1
+# Beside what an archive provides: which archive file (size, mtime) it was extracted from.
+EXTRACTED_SUFFIX = ".dml_extracted"
 
 
 @dataclass(frozen=True)
@@ -118,18 +121,28 @@ def ensure_files(root: Path, name: str, archives: Iterable[Archive], download: b
         UserError: a file is missing and cannot be downloaded (the message says which file, from where,
             and where to put it), or an archive is corrupt or fails its checksum.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise UserError(
+            f"the dataset folder {root} is a file; point dataset.root (or paths.data_dir) at a folder"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create the dataset folder {root} ({e.strerror or e}); check paths.data_dir / dataset.root"
+        ) from e
     missing = []
     for archive in archives:
-        if (root / archive.provides).exists():
-            continue
         path = root / archive.filename
+        if (root / archive.provides).exists() and not _replaced_since_extraction(root, archive):
+            continue
         if not path.exists() and not (download and _download(archive, path)):
             missing.append(archive)
             continue
         if archive.is_archive:
             log.info("extracting %s", path)
             _extract(path, root)
+            _marker(root, archive).write_text(json.dumps(_stamp(path)))
             if not (root / archive.provides).exists():
                 raise UserError(
                     f"{path} did not contain {archive.provides}; is it the official {name} archive?"
@@ -140,6 +153,27 @@ def ensure_files(root: Path, name: str, archives: Iterable[Archive], download: b
             f"dataset {name} is not in {root}. Get these files and put them in {root} (archives may stay "
             "packed; they are extracted on first use):\n" + "\n".join(lines)
         )
+
+
+def _marker(root: Path, archive: Archive) -> Path:
+    return root / f".{Path(archive.provides).name}{EXTRACTED_SUFFIX}"
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _replaced_since_extraction(root: Path, archive: Archive) -> bool:
+    """True when the archive now in ``root`` is not the one its extracted folder came from (the user
+    put a new archive in place after a failed preparation): the folder is then extracted again."""
+    path, marker = root / archive.filename, _marker(root, archive)
+    if not archive.is_archive or not path.is_file() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) != _stamp(path)
+    except (OSError, json.JSONDecodeError):
+        return True
 
 
 def check_images(root: Path, paths: list[str], skip_bad: bool, name: str) -> set[str]:
@@ -160,7 +194,8 @@ def check_images(root: Path, paths: list[str], skip_bad: bool, name: str) -> set
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise UserError(
             f"{len(bad)} image(s) of {name} are missing or unreadable:\n{shown}{more}\n"
-            "Download the dataset again, or set dataset.skip_bad_images=true to leave them out."
+            f"Put a good copy of the official archive in {root} (the folder is extracted from it again on the "
+            "next run), or set dataset.skip_bad_images=true to leave them out."
         )
     if bad:
         log.warning(
@@ -169,21 +204,52 @@ def check_images(root: Path, paths: list[str], skip_bad: bool, name: str) -> set
     return bad
 
 
-def write_index(root: Path, splits: dict[str, dict[str, list[Any]]], skipped: int) -> None:
-    """Write the prepared splits atomically; its presence marks the benchmark as prepared."""
-    path = root / INDEX_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"version": INDEX_VERSION, "skipped_images": skipped, "splits": splits}))
-    tmp.replace(path)
+def index_cache_path(root: Path) -> Path:
+    """Where the index of a dataset in a read-only folder goes: ``$DML_CACHE`` (default
+    ``~/.cache/dml``) / index / <hash of the folder's path> / dml_index.json."""
+    cache = Path(
+        os.environ.get("DML_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dml"
+    )
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return cache / "index" / key / INDEX_NAME
+
+
+def write_index(root: Path, splits: dict[str, dict[str, list[Any]]], skipped: int) -> Path:
+    """Write the prepared splits atomically; its presence marks the benchmark as prepared.
+
+    The index goes in ``root``; when that folder is read-only (a shared copy of the dataset), in
+    :func:`index_cache_path`. Returns where it went.
+    """
+    text = json.dumps({"version": INDEX_VERSION, "skipped_images": skipped, "splits": splits})
+    for path in (root / INDEX_NAME, index_cache_path(root)):
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.info("cannot write the index %s (%s)", path, e.strerror or e)
+            continue
+        if path.parent != root:
+            log.info("%s is read-only: its index is kept in %s", root, path)
+        return path
+    raise UserError(
+        f"cannot write the dataset index in {root} nor in {index_cache_path(root).parent}; make one of them "
+        "writable, or set DML_CACHE=<writable folder>"
+    )
 
 
 def read_index(root: Path) -> dict[str, dict[str, list[Any]]] | None:
     """The prepared splits, or ``None`` when the benchmark has not been prepared (or by another version)."""
-    path = root / INDEX_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return data["splits"] if data.get("version") == INDEX_VERSION else None
+    for path in (root / INDEX_NAME, index_cache_path(root)):
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("version") == INDEX_VERSION:
+            return data["splits"]
+    return None

@@ -57,6 +57,9 @@ def distance_ratio(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
     return float(torch.stack(intra).mean() / inter)
 
 
+COLLAPSE_METRICS = ("coding_rate", "class_coding_rate", "effective_rank", "distance_ratio")
+
+
 def collapse_metrics(embeddings: torch.Tensor, labels: torch.Tensor, eps: float = 0.5) -> dict[str, float]:
     """Coding rate of all embeddings, mean per-class coding rate, effective rank and distance ratio."""
     return {

@@ -5,7 +5,7 @@ Each function writes one PNG and returns its path; matplotlib runs headless (Agg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
 def project_2d(embeddings: torch.Tensor, method: str = "tsne", seed: int = 0) -> np.ndarray:
     """(n, d) -> (n, 2) by t-SNE or PCA."""
     x = embeddings.detach().float().cpu().numpy()
-    if x.shape[1] <= 2:
-        return np.pad(x, ((0, 0), (0, 2 - x.shape[1])))
+    if x.shape[1] <= 2 or len(x) < 4:  # too few points to project: the first two coordinates
+        return np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1]))))
     if method == "pca":
         from sklearn.decomposition import PCA
 
@@ -119,30 +119,26 @@ def retrieval_grid(
 def split_retrievals(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
-    split: Any,
+    roles: torch.Tensor | None,
+    raw_image: Callable[[int], Any],
     queries: torch.Tensor,
     path: str | Path,
     top_k: int = 5,
 ) -> Path:
     """:func:`retrieval_grid` for ``queries`` (positions in a split) and their ``top_k`` nearest items.
 
-    ``split`` is a :class:`~dml.data.RetrievalSplit` (its images are loaded raw, without the model's
-    transform). With query/gallery roles, queries search the gallery; otherwise the other items.
+    ``raw_image(position)`` is an item's image as read (without the model's transform). With
+    query/gallery ``roles`` (0 query, 1 gallery), queries search the gallery; otherwise the other items.
     """
-    roles = split.roles
     gallery = torch.arange(len(labels)) if roles is None else torch.nonzero(roles == 1).flatten()
     sims = embeddings[queries].float() @ embeddings[gallery].float().T
     if roles is None:
         sims[torch.arange(len(queries)), queries] = float("-inf")  # not the query itself
     k = min(top_k, sims.shape[1] - int(roles is None))
     found = gallery[sims.topk(k, dim=1).indices]
-
-    def image(position: int) -> Any:
-        return split.source.load(int(split.indices[position]))
-
     return retrieval_grid(
-        [image(int(q)) for q in queries],
-        [[image(int(j)) for j in row] for row in found],
+        [raw_image(int(q)) for q in queries],
+        [[raw_image(int(j)) for j in row] for row in found],
         [[bool(labels[j] == labels[q]) for j in row] for q, row in zip(queries, found, strict=True)],
         path,
     )

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 Backend = Literal["auto", "torch", "faiss"]
+KNN_BACKENDS = ("auto", "torch", "faiss")
 
 # Bytes of similarity scores one chunk of queries may hold; bounds memory on SOP-sized sets.
 _CHUNK_BYTES = 256 * 2**20
@@ -23,6 +24,17 @@ def faiss_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def metric_names(ks: Sequence[int], nmi: bool = True, nmi_multiples: Sequence[int] = ()) -> list[str]:
+    """The keys :func:`retrieval_metrics` returns for these options."""
+    return [
+        *(f"recall@{k}" for k in ks),
+        "map@r",
+        "r_precision",
+        *(["nmi"] if nmi else []),
+        *(f"nmi+{m}x" for m in nmi_multiples),
+    ]
 
 
 def knn(

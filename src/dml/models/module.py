@@ -15,6 +15,8 @@ from torch import nn
 
 from dml.errors import UserError
 from dml.evaluation import collapse_metrics, retrieval_metrics
+from dml.evaluation.protocol import EvaluationProtocol
+from dml.evaluation.retrieval import KNN_BACKENDS, faiss_available
 from dml.log import get_logger
 from dml.losses import CompositeLoss
 from dml.losses.distributed import gather_batch, rescale_local_gradients, world_size
@@ -27,12 +29,12 @@ PARAM_GROUPS = ("backbone", "head", "loss")
 
 @dataclass
 class EvaluationResult:
-    """The embeddings of the last evaluated split, in dataset order, and the split itself (or None)."""
+    """The embeddings of the last evaluated split, in dataset order, and how that split is scored."""
 
     stage: str
     embeddings: torch.Tensor
     labels: torch.Tensor
-    split: Any
+    protocol: EvaluationProtocol
 
 
 class DMLModule(L.LightningModule):
@@ -79,12 +81,20 @@ class DMLModule(L.LightningModule):
         self.lr_mult = {g: 1.0 for g in PARAM_GROUPS} | dict(lr_mult or {})
         unknown = set(self.lr_mult) - set(PARAM_GROUPS)
         if unknown:
-            raise ValueError(f"model.lr_mult has unknown groups {sorted(unknown)}; use {list(PARAM_GROUPS)}")
+            raise UserError(f"model.lr_mult has unknown groups {sorted(unknown)}; use {list(PARAM_GROUPS)}")
+        if knn_backend not in KNN_BACKENDS:
+            raise UserError(f"model.knn_backend={knn_backend!r} is not one of {', '.join(KNN_BACKENDS)}")
+        if knn_backend == "faiss" and not faiss_available():
+            raise UserError(
+                "model.knn_backend=faiss but faiss is not installed: pip install faiss-cpu (or faiss-gpu), "
+                "or use model.knn_backend=torch"
+            )
         self.loss_weight_decay, self.warmup_epochs = loss_weight_decay, warmup_epochs
         self.recall_ks, self.knn_backend, self.nmi = list(recall_ks), knn_backend, nmi
         self.nmi_multiples, self.collapse = list(nmi_multiples), collapse
         self.last_evaluation: EvaluationResult | None = None
         self.run_config = dict(run_config) if run_config is not None else None
+        self._protocols: dict[str, EvaluationProtocol] = {}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.test_results: dict[str, float] = {}
 
@@ -149,6 +159,29 @@ class DMLModule(L.LightningModule):
         images, labels, index = batch
         self._eval_outputs.append((self(images).float(), labels, index))
 
+    def set_evaluation_protocols(self, protocols: Mapping[str, EvaluationProtocol]) -> None:
+        """How the ``val`` and ``test`` splits are scored; the datamodule hands them over at its setup.
+
+        Without them, every item queries all the others, with this module's ``recall_ks``.
+        """
+        self._protocols = dict(protocols)
+
+    def protocol(self, stage: str) -> EvaluationProtocol:
+        return self._protocols.get(stage) or EvaluationProtocol(recall_ks=tuple(self.recall_ks))
+
+    def metric_names(self) -> list[str]:
+        """Every metric this module logs in training, validation and test, with its current protocols."""
+        options = (self.nmi, tuple(self.nmi_multiples), self.collapse)
+        return [
+            "train/loss",
+            *(f"train/loss/{name}" for name in self.loss.terms),
+            *(
+                name
+                for stage in ("val", "test")
+                for name in self.protocol(stage).metric_names(stage, *options)
+            ),
+        ]
+
     def _evaluate(self, stage: str) -> dict[str, float]:
         embeddings, labels, index = (torch.cat(t) for t in zip(*self._eval_outputs, strict=True))
         self._eval_outputs.clear()
@@ -161,17 +194,16 @@ class DMLModule(L.LightningModule):
             embeddings, labels = embeddings[first], labels[first]
         order = torch.argsort(index)
         embeddings, labels, index = embeddings[order], labels[order], index[order]
-        split = self._split(stage)
-        label_sets = {"": labels}
-        if split is not None:
-            label_sets |= {
-                f"{name}/": extra.to(index.device)[index] for name, extra in split.extra_labels.items()
-            }
-        roles = split.roles.to(index.device)[index] if split is not None and split.roles is not None else None
+        protocol = self.protocol(stage)
+        label_sets = {"": labels} | {
+            f"{name}/": extra.to(index.device)[index] for name, extra in protocol.extra_labels.items()
+        }
+        roles = protocol.roles.to(index.device)[index] if protocol.roles is not None else None
+        options = {"ks": protocol.recall_ks, **self._metric_options()}
         metrics = {}
         for prefix, set_labels in label_sets.items():
             if roles is None:
-                values = retrieval_metrics(embeddings, set_labels, **self._metric_options())
+                values = retrieval_metrics(embeddings, set_labels, **options)
             else:  # query/gallery protocol: queries search the gallery only
                 query, gallery = roles == 0, roles == 1
                 values = retrieval_metrics(
@@ -179,7 +211,7 @@ class DMLModule(L.LightningModule):
                     set_labels[query],
                     reference=embeddings[gallery],
                     reference_labels=set_labels[gallery],
-                    **self._metric_options(),
+                    **options,
                 )
             metrics |= {f"{stage}/{prefix}{k}": v for k, v in values.items()}
         if self.collapse:
@@ -187,24 +219,11 @@ class DMLModule(L.LightningModule):
         # Identical on every rank (computed from the gathered embeddings); syncing only quiets Lightning.
         self.log_dict(metrics, sync_dist=self.trainer.world_size > 1)
         # Kept for callbacks that draw the embedding space (dml.callbacks.EmbeddingPictures).
-        self.last_evaluation = EvaluationResult(stage, embeddings.cpu(), labels.cpu(), split)
+        self.last_evaluation = EvaluationResult(stage, embeddings.cpu(), labels.cpu(), protocol)
         return metrics
 
     def _metric_options(self) -> dict[str, Any]:
-        return {
-            "ks": self.recall_ks,
-            "backend": self.knn_backend,
-            "nmi": self.nmi,
-            "nmi_multiples": self.nmi_multiples,
-        }
-
-    def _split(self, stage: str) -> Any:
-        """The datamodule's split being evaluated (for its query/gallery roles and extra label sets)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        splits = getattr(datamodule, "splits", None)
-        if not splits:
-            return None
-        return splits.get(datamodule.val_split_name if stage == "val" else "test")
+        return {"backend": self.knn_backend, "nmi": self.nmi, "nmi_multiples": self.nmi_multiples}
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._collect(batch)

@@ -32,7 +32,7 @@ class ImageFiles:
                 return image.convert("RGB")
         except OSError as e:
             raise UserError(
-                f"cannot read image {path}: {e}; prepare the dataset again (delete its dml_index.json)"
+                f"cannot read image {path}: {e}; replace the file and prepare the dataset again (delete its dml_index.json)"
             ) from e
 
 
@@ -43,13 +43,34 @@ class ScaleToBGR255:
         return x.flip(0) * 255
 
 
-def read_lines(path: Path, skip: int = 0) -> list[list[str]]:
-    """Whitespace-split rows of a text file after ``skip`` header lines; a missing file is a UserError."""
+def read_table(path: Path, columns: Sequence[type], skip: int = 0, source: str = "") -> list[tuple]:
+    """Rows of a whitespace-separated text file after ``skip`` header lines, each converted by ``columns``.
+
+    Raises:
+        UserError: the file is missing, or a row has another number of fields or a value that does not
+            convert; the message names the file, the line and the row.
+    """
     if not path.is_file():
         raise UserError(
-            f"{path} is missing; the dataset folder is incomplete: extract the official archive again"
+            f"{path} is missing; the dataset folder is incomplete: put a good copy of the official archive "
+            "beside it (the folder is extracted from it again on the next run)"
         )
-    return [line.split() for line in path.read_text().splitlines()[skip:] if line.strip()]
+    names = " ".join(c.__name__ for c in columns)
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines()[skip:], start=skip + 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != len(columns):
+                raise ValueError(f"{len(fields)} fields")
+            rows.append(tuple(convert(field) for convert, field in zip(columns, fields, strict=True)))
+        except ValueError as e:
+            raise UserError(
+                f"{path}, line {number}: {line.strip()!r} is not a row of {len(columns)} fields ({names}): {e}; "
+                f"the file is damaged: get the official one again{f' from {source}' if source else ''}"
+            ) from e
+    return rows
 
 
 class FileBenchmark(RetrievalDataModule):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dml.data.datasets.benchmark import FileBenchmark, read_lines
+from dml.data.datasets.benchmark import FileBenchmark, read_table
 from dml.data.preparation import Archive
 from dml.errors import UserError
 
@@ -24,14 +24,14 @@ class CUBDataModule(FileBenchmark):
 
     def read_layout(self) -> dict[str, dict[str, list]]:
         base = self.root / "CUB_200_2011"
-        paths = {row[0]: row[1] for row in read_lines(base / "images.txt")}
+        paths = dict(read_table(base / "images.txt", (str, str)))
         splits = {"train": {"path": [], "label": []}, "test": {"path": [], "label": []}}
-        for image_id, label in read_lines(base / "image_class_labels.txt"):
+        for image_id, label in read_table(base / "image_class_labels.txt", (str, int)):
             if image_id not in paths:
                 raise UserError(
                     f"{base / 'image_class_labels.txt'} names image {image_id}, absent from images.txt"
                 )
-            split = "train" if int(label) <= self.num_test_boundary else "test"
+            split = "train" if label <= self.num_test_boundary else "test"
             splits[split]["path"].append(f"CUB_200_2011/images/{paths[image_id]}")
-            splits[split]["label"].append(int(label))
+            splits[split]["label"].append(label)
         return splits

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dml.data.datasets.benchmark import FileBenchmark, read_lines
+from dml.data.datasets.benchmark import FileBenchmark, read_table
 from dml.data.preparation import Archive
 from dml.errors import UserError
 
@@ -25,11 +25,14 @@ class InShopDataModule(FileBenchmark):
 
     def read_layout(self) -> dict[str, dict[str, list]]:
         path = self.root / "Eval" / "list_eval_partition.txt"
-        rows = read_lines(path, skip=2)  # a count, then: image_name item_id evaluation_status
+        # a count, a header, then: image_name item_id evaluation_status
+        rows = read_table(path, (str, str, str), skip=2, source=SOURCE)
         splits = {"train": {"path": [], "label": []}, "test": {"path": [], "label": [], "role": []}}
         roles = {"query": 0, "gallery": 1}
         for row in rows:
-            if len(row) != 3 or row[2] not in ("train", "query", "gallery") or not row[1].startswith("id_"):
+            if row[2] not in ("train", "query", "gallery") or not (
+                row[1].startswith("id_") and row[1][3:].isdigit()
+            ):
                 raise UserError(
                     f"{path}: unexpected line {' '.join(row)!r}; download the official file again from {SOURCE}"
                 )

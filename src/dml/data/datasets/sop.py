@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dml.data.datasets.benchmark import FileBenchmark, read_lines
+from dml.data.datasets.benchmark import FileBenchmark, read_table
 from dml.data.preparation import Archive
 
 
@@ -24,9 +24,10 @@ class SOPDataModule(FileBenchmark):
         base = self.root / "Stanford_Online_Products"
         splits = {}
         for split, filename in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt")):
-            rows = read_lines(base / filename, skip=1)  # header: image_id class_id super_class_id path
+            # header: image_id class_id super_class_id path
+            rows = read_table(base / filename, (int, int, int, str), skip=1)
             splits[split] = {
                 "path": [f"Stanford_Online_Products/{row[3]}" for row in rows],
-                "label": [int(row[1]) for row in rows],
+                "label": [row[1] for row in rows],
             }
         return splits

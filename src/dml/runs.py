@@ -1,0 +1,241 @@
+"""A training run's folder and checkpoints: nothing finished is overwritten, nothing is left half-written.
+
+- :func:`claim_run_dir` refuses a folder that already holds a run unless the command resumes it
+  (``ckpt_path=last``) or asks to replace it (``overwrite=true``).
+- :func:`read_checkpoint` and :func:`check_resume` check a checkpoint before anything trains from it.
+- :class:`AtomicCheckpointIO` writes each checkpoint beside its target and renames it into place.
+- :func:`resume_command` is the exact command that continues a stopped run.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from dml.errors import UserError
+from dml.log import get_logger
+
+log = get_logger(__name__)
+
+# What a training run writes into its folder (Hydra's own .hydra/ and <task>.log aside).
+RUN_OUTPUTS = ("config.yaml", "checkpoints", "test_metrics.json", "csv", "pictures", "wandb")
+# Settings a resumed run takes from the checkpoint (optimizer and scheduler state), not from the config.
+RESTORED_FROM_CHECKPOINT = ("optimizer", "scheduler", "model.lr_mult", "model.loss_weight_decay")
+# Settings a run may change when it resumes without a word (where data live, how fast they load).
+FREE_ON_RESUME = ("dataset.root", "dataset.num_workers", "dataset.pin_memory", "dataset.persistent_workers")
+# Options of train.py that describe this invocation rather than the run.
+INVOCATION_KEYS = ("ckpt_path", "overwrite", "hydra.run.dir")
+
+
+class RunStopped(Exception):
+    """Training stopped before the end (a signal, or an error after it started); ``exit_code`` is the
+    process's exit status and the message says how to resume."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def is_launching_process() -> bool:
+    """True in the process a user started; False in the extra processes DDP and SLURM launch beside it."""
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def claim_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """Make ``output_dir`` ready for a run, refusing one that already holds a run.
+
+    Raises:
+        UserError: the folder cannot be written, or it holds another run's outputs and the command
+            neither resumes it nor passes ``overwrite=true``.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"the run folder {output_dir} is a file; choose a folder with hydra.run.dir=<folder>")
+    probe = output_dir / ".dml_write_test"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"cannot write the run folder {output_dir} ({e.strerror or e}); choose a writable one with "
+            "hydra.run.dir=<folder> (or paths.log_dir=<folder> for every run)"
+        ) from e
+    found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if not found or not is_launching_process() or _resumes_inside(output_dir, ckpt_path):
+        return
+    if overwrite:
+        for name in found:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        log.warning("overwrite=true: removed the earlier run's %s from %s", ", ".join(found), output_dir)
+        return
+    raise UserError(
+        f"the run folder {output_dir} already holds a run ({', '.join(found)}); nothing was changed. "
+        "Resume it with ckpt_path=last, train into a new folder (drop hydra.run.dir), or replace it with "
+        "overwrite=true"
+    )
+
+
+def _resumes_inside(output_dir: Path, ckpt_path: str | None) -> bool:
+    if not ckpt_path:
+        return False
+    if ckpt_path == "last":
+        return True
+    return Path(ckpt_path).expanduser().resolve().is_relative_to(output_dir.resolve())
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint file a run resumes from (``last`` is the run folder's ``checkpoints/last.ckpt``)."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise UserError(
+                f"ckpt_path=last: {path} does not exist, so there is nothing to resume in {output_dir}. "
+                "Resume a run in its own folder (hydra.run.dir=<run dir> ckpt_path=last), give a checkpoint "
+                "file (ckpt_path=<file>.ckpt), or drop ckpt_path to train from scratch"
+            )
+        return path
+    return Path(ckpt_path).expanduser()
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The contents of a checkpoint written by dml's train.py.
+
+    Raises:
+        UserError: the file is missing, unreadable or truncated, or was not written by dml.
+    """
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; pass ckpt_path=<path to a .ckpt written by train.py>")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any load failure means the file is not a usable checkpoint
+        raise UserError(
+            f"{path} cannot be read as a PyTorch checkpoint, it may be truncated ({type(e).__name__}: {e}); "
+            "use another checkpoint of the run (its checkpoints/ folder)"
+        ) from e
+    if not isinstance(payload, dict) or not payload.get("dml_config") or "state_dict" not in payload:
+        raise UserError(
+            f"{path} is not a checkpoint written by dml's train.py (it has no dml_config); "
+            "use a checkpoint from a dml run's checkpoints/ folder"
+        )
+    return payload
+
+
+def check_same_model(path: Path, state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Raise a UserError naming the first differences when ``state_dict`` does not fit ``model``."""
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state_dict]
+    problems += [f"unexpected {k}" for k in state_dict if k not in own]
+    problems += [
+        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} now"
+        for k, v in state_dict.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if problems:
+        raise UserError(
+            f"checkpoint {path} was written by a different model than the one configured now ("
+            + "; ".join(problems[:3])
+            + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            + "); use the checkpoint's own settings (its run's config.yaml), or drop ckpt_path"
+        )
+
+
+def check_resume(path: Path, stored: Mapping[str, Any], cfg: DictConfig) -> None:
+    """Refuse to resume with settings the checkpoint's restored state would silently override, and
+    log the other settings that differ from the checkpoint's run (they take effect)."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    ignored, changed = [], []
+    for key in sorted(_leaf_keys(stored) | _leaf_keys(current)):
+        if key.split(".")[0] in ("paths", "hydra", "trainer", "callbacks", "logger", "tags", "run_group"):
+            continue
+        if key in INVOCATION_KEYS or key.startswith(FREE_ON_RESUME):
+            continue
+        old, new = _get(stored, key), _get(current, key)
+        if old != new:
+            line = f"{key}: {old!r} in the checkpoint, {new!r} now"
+            (ignored if key.startswith(RESTORED_FROM_CHECKPOINT) else changed).append(line)
+    if ignored:
+        raise UserError(
+            f"resuming from {path} restores its optimizer and lr schedule, so these settings would be "
+            "ignored:\n  " + "\n  ".join(ignored) + "\nDrop those overrides to resume the run as it was "
+            "trained, or train a new run (drop ckpt_path)"
+        )
+    if changed:
+        log.warning(
+            "resuming with settings that differ from the checkpoint's run:\n  %s", "\n  ".join(changed)
+        )
+
+
+def _leaf_keys(tree: Any, prefix: str = "") -> set[str]:
+    if isinstance(tree, Mapping) and tree:
+        return set().union(*(_leaf_keys(v, f"{prefix}{k}.") for k, v in tree.items()))
+    return {prefix.rstrip(".")} if prefix else set()
+
+
+def _get(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a hidden file beside its target, flushes it to disk and renames it over
+    the target: a full disk or a kill leaves the previous checkpoint as it was."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            kept = (
+                f"the previous {path.name} is kept as it was" if path.exists() else f"{path} was not written"
+            )
+            raise UserError(
+                f"could not write checkpoint {path} ({e.strerror or e}); {kept}. Free disk space in "
+                f"{path.parent} (or choose another run folder)"
+            ) from e
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command that continues this run from its ``last.ckpt``, in its own folder."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under @hydra.main
+        overrides = []
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in INVOCATION_KEYS]
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+    args = [*keep, f"hydra.run.dir={cfg.paths.output_dir}", "ckpt_path=last"]
+    return f"python {script} " + " ".join(shlex.quote(a) for a in args)
+
+
+def stop_message(cfg: DictConfig, reason: str) -> str:
+    """``reason``, what is kept, and the command that resumes the run (or that there is none yet)."""
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        epochs = int(torch.load(last, map_location="cpu", weights_only=False).get("epoch", -1)) + 1
+        return (
+            f"{reason}. The run did not finish; {last} holds it after {epochs} epoch(s) (later progress "
+            f"is redone). Resume it with:\n  {resume_command(cfg)}"
+        )
+    return f"{reason}. The run did not finish and wrote no checkpoint yet: run the same command again to start over"
