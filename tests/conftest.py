@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,10 +41,12 @@ def compose_cfg(tmp_path):
 
 
 def run_entry(
-    script: str, args: list[str], cwd: Path = ROOT, timeout: int = 600
+    script: str, args: list[str], cwd: Path = ROOT, timeout: int = 600, **popen: Any
 ) -> subprocess.CompletedProcess:
     """Run ``train.py`` or ``evaluate.py`` in a fresh interpreter, as a user would."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1") | popen.pop(
+        "env", {}
+    )
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
@@ -50,9 +54,35 @@ def run_entry(
         capture_output=True,
         text=True,
         timeout=timeout,
+        **popen,
     )
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """``path`` made read-only for this process, as a shared dataset copy or a full quota would be: a
+    read-only bind mount when running as root (root ignores file modes), file modes otherwise."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    mounted = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot make {path} read-only here (mount: {mounted.stderr.decode().strip()})")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True).returncode:
+            pytest.skip(f"cannot remount {path} read-only here")
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

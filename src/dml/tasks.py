@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -100,7 +101,8 @@ def _write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
         tmp.replace(path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this
+            tmp.unlink(missing_ok=True)
         raise UserError(
             f"could not write {path} ({e.strerror or e}); free disk space or choose another folder"
         ) from e
@@ -353,7 +355,7 @@ def run_cli(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
     A user error ends in its message alone (exit code 2), a run stopped by a signal in its message and
     the signal's exit code (130 SIGINT, 143 SIGTERM). In a sweep, a job that fails is recorded as failed
     (``<job dir>/FAILED``; NaN for Optuna, a failed trial) and the sweep goes on;
-    :class:`SweepFailures` lists the failed jobs at the end.
+    :class:`RunFolders` lists the failed jobs at the end.
     """
     try:
         metrics = task(cfg)
@@ -373,8 +375,16 @@ def run_cli(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
     return metrics.get(metric) if metric else None
 
 
-class SweepFailures(Callback):
-    """Hydra callback: after a sweep, list its failed jobs (their ``FAILED`` files) and exit with 1."""
+class RunFolders(Callback):
+    """Hydra callback: a run or sweep folder that cannot be created is one message (exit code 2), before
+    Hydra writes into it; after a sweep, its failed jobs (their ``FAILED`` files) are listed and the
+    sweep exits with 1."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_folder(config.hydra.run.dir, "hydra.run.dir=<folder>")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_folder(config.hydra.sweep.dir, "hydra.sweep.dir=<folder>")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed = sorted(Path(config.hydra.sweep.dir).glob("*/FAILED"), key=lambda p: p.parent.name)
@@ -386,3 +396,21 @@ class SweepFailures(Callback):
             file=sys.stderr,
         )
         sys.exit(1)
+
+
+def _make_folder(folder: str, option: str) -> None:
+    path = Path(folder)
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(20, "it is a file")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".dml_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        print(  # noqa: T201 - the message a user must see
+            f"error: cannot write the run folder {path} ({e.strerror or e}); choose a writable one with "
+            f"{option} (or paths.log_dir=<folder> for every run)",
+            file=sys.stderr,
+        )
+        sys.exit(2)

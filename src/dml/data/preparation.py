@@ -7,6 +7,7 @@ the index, written last, is what marks a prepared benchmark.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -229,7 +230,8 @@ def write_index(root: Path, splits: dict[str, dict[str, list[Any]]], skipped: in
             tmp.write_text(text)
             tmp.replace(path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder refuses even this
+                tmp.unlink(missing_ok=True)
             log.info("cannot write the index %s (%s)", path, e.strerror or e)
             continue
         if path.parent != root:
