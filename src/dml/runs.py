@@ -207,14 +207,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save turns a failed write into a RuntimeError
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+            cause = next((x for x in (e, e.__context__, e.__cause__) if isinstance(x, OSError)), None)
+            if cause is None:
+                raise
             kept = (
                 f"the previous {path.name} is kept as it was" if path.exists() else f"{path} was not written"
             )
             raise UserError(
-                f"could not write checkpoint {path} ({e.strerror or e}); {kept}. Free disk space in "
+                f"could not write checkpoint {path} ({cause.strerror or cause}); {kept}. Free disk space in "
                 f"{path.parent} (or choose another run folder)"
             ) from e
 

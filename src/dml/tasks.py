@@ -246,7 +246,7 @@ def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
         if key.split(".")[0] in MODEL_KEYS:
             # A group choice (dataset=cub) replaces the stored group; a key (dataset.root=...) patches it.
             OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge="." in key, force_add=True)
-    if any(k.startswith("paths.") for k in keys) and not any(k.split(".")[0] == "dataset" for k in keys):
+    if any(k.startswith("paths.") for k in keys) and not {"dataset", "dataset.root"} & set(keys):
         _move_data_root(run_cfg, cfg)
     L.seed_everything(run_cfg.get("seed", 0), workers=True)
     datamodule, module = build_data_and_module(run_cfg)
@@ -354,7 +354,7 @@ def run_cli(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
 
     A user error ends in its message alone (exit code 2), a run stopped by a signal in its message and
     the signal's exit code (130 SIGINT, 143 SIGTERM). In a sweep, a job that fails is recorded as failed
-    (``<job dir>/FAILED``; NaN for Optuna, a failed trial) and the sweep goes on;
+    (``<job dir>/FAILED``; for Optuna, a failed trial) and the sweep goes on;
     :class:`RunFolders` lists the failed jobs at the end.
     """
     try:
@@ -366,7 +366,7 @@ def run_cli(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
         user_error = _find_user_error(e)
         if _is_multirun():
             _record_failed_job(cfg, e, user_error)
-            return float("nan") if cfg.get("optimized_metric") else None
+            return None  # no value: Optuna records a failed trial (NaN would end its search)
         if user_error is None:
             raise
         print(f"error: {_user_message(user_error)}", file=sys.stderr)  # noqa: T201 - the message a user must see
