@@ -40,11 +40,11 @@ evaluate: $(VENV)/.installed ## Evaluate a checkpoint: make evaluate CKPT=logs/t
 	@test -n "$(CKPT)" || { echo "error: give CKPT=<path to a .ckpt written by make train>"; exit 2; }
 	$(PYTHON) evaluate.py ckpt_path=$(CKPT) $(ARGS)
 
-test: $(VENV)/.installed ## Run the everyday test tier (slow and gpu tests left out)
+test: $(VENV)/.installed ## Run the everyday test tier (< 5 min on 2 cores; slow, notebook and gpu tests left out)
 	WANDB_MODE=offline $(PYTHON) -m pytest -q
 
-test-all: $(VENV)/.installed ## Run every test tier but gpu ones without a GPU (slow included)
-	WANDB_MODE=offline $(PYTHON) -m pytest -q -m "not gpu or gpu"
+test-all: $(VENV)/.installed ## Run every test tier (slow and notebooks included; gpu tests skip without a GPU): what CI runs
+	WANDB_MODE=offline $(PYTHON) -m pytest -q -m "not gpu or gpu" --nbmake --nbmake-timeout=900
 
 lint: $(VENV)/.installed ## Lint and check formatting with ruff
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,7 @@
 
     python benchmarks/losses.py [--device cuda] [--repeats 20] [--skip-cxc]
 
-Prints one row per term (the terms of the conf/loss files) with its time and, on a GPU, its peak
+Prints one row per loss of conf/loss (all its terms) with its time and, on a GPU, its peak
 memory; then the two Gram sides of the all-proxy coding rate, to show that all-proxy AntiCo costs a
 d x d log-determinant, not a C x C one.
 """
@@ -15,44 +15,23 @@ from collections.abc import Callable
 
 import torch
 
-from dml.losses import (
-    AntiCoLoss,
-    ContrastiveLoss,
-    DistanceWeightedMiner,
-    EasyPositiveMiner,
-    MarginLoss,
-    MultiSimilarityLoss,
-    MultiSimilarityMiner,
-    ProxyAnchorLoss,
-    ProxyBank,
-    ProxyNCALoss,
-    RandomTripletMiner,
-    SemiHardNegativeMiner,
-    Term,
-    TripletLoss,
-)
+from dml.config import build_loss, loss_names
 
 B, D, C = 180, 512, 11_318
 
 
-def terms(bank: ProxyBank) -> dict[str, torch.nn.Module]:
-    """The loss terms of conf/loss, with their miners, sharing one proxy bank."""
-    return {
-        "proxy_anchor": Term(ProxyAnchorLoss(proxies=bank, alpha=32, delta=0.1)),
-        "antico batch_proxy": Term(AntiCoLoss("batch_proxy", proxies=bank)),
-        "antico all_proxy": Term(AntiCoLoss("all_proxy", proxies=bank)),
-        "antico pair": Term(AntiCoLoss("pair")),
-        "proxy_nca": Term(ProxyNCALoss(proxies=bank)),
-        "ms + ms miner": Term(MultiSimilarityLoss(), MultiSimilarityMiner()),
-        "ms + eps miner": Term(MultiSimilarityLoss(base=1.0), MultiSimilarityMiner(positives="easy")),
-        "triplet semihard": Term(TripletLoss(), SemiHardNegativeMiner()),
-        "triplet random": Term(TripletLoss(), RandomTripletMiner()),
-        "triplet eps": Term(TripletLoss(), EasyPositiveMiner("semihard")),
-        "triplet all": Term(TripletLoss()),
-        "margin distance": Term(MarginLoss(), DistanceWeightedMiner()),
-        "margin eps": Term(MarginLoss(), EasyPositiveMiner("distance_weighted")),
-        "contrastive": Term(ContrastiveLoss()),
-    }
+def losses(num_classes: int, embedding_size: int) -> dict[str, torch.nn.Module]:
+    """Every loss of conf/loss (``loss=<name>``), as the CompositeLoss a run trains with; seeded."""
+    out = {}
+    for name in loss_names():
+        torch.manual_seed(0)
+        out[name] = build_loss(name, num_classes, embedding_size)
+    return out
+
+
+def total(loss: torch.nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The weighted sum a training step backpropagates."""
+    return loss(embeddings, labels)["loss"]
 
 
 def _mib(value: float) -> str:
@@ -89,23 +68,22 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    bank = ProxyBank(C, D).to(device)
     labels = torch.randperm(C, device=device)[: B // 2].repeat_interleave(2)
     features = torch.randn(B, D, device=device)
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
         f"B={B} ({B // 2} classes x 2), d={D}, C={C}, torch {torch.__version__}"
     )
-    print(f"{'term':<22}{'fwd+bwd ms':>12}{'peak MiB':>10}")
-    for name, term in terms(bank).items():
-        term = term.to(device)
+    print(f"{'loss':<30}{'fwd+bwd ms':>12}{'peak MiB':>10}")
+    for name, loss in losses(C, D).items():
+        loss = loss.to(device)
         embeddings = torch.nn.functional.normalize(features, dim=1).requires_grad_()
         ms, peak = timed(
-            lambda term=term, embeddings=embeddings: term(embeddings, labels), device, args.repeats
+            lambda loss=loss, embeddings=embeddings: total(loss, embeddings, labels), device, args.repeats
         )
-        print(f"{name:<22}{ms:>12.2f}{_mib(peak):>10}")
+        print(f"{name:<30}{ms:>12.2f}{_mib(peak):>10}")
     # The two sides of logdet(I + c P^T P) for all C proxies; the package takes the d x d one.
-    proxies = bank.normalized().detach().float().requires_grad_()
+    proxies = torch.nn.functional.normalize(torch.randn(C, D, device=device), dim=1).requires_grad_()
     c = C / (D * 0.5)
 
     def gram_side(small: bool) -> torch.Tensor:
@@ -114,10 +92,10 @@ def main() -> None:
         return torch.log(torch.diagonal(torch.linalg.cholesky(eye + c * gram))).sum()
 
     ms, peak = timed(lambda: gram_side(True), device, args.repeats)
-    print(f"{'logdet d x d':<22}{ms:>12.2f}{_mib(peak):>10}")
+    print(f"{'logdet d x d':<30}{ms:>12.2f}{_mib(peak):>10}")
     if not args.skip_cxc:
         ms, peak = timed(lambda: gram_side(False), device, max(3, args.repeats // 5))
-        print(f"{'logdet C x C':<22}{ms:>12.2f}{_mib(peak):>10}")
+        print(f"{'logdet C x C':<30}{ms:>12.2f}{_mib(peak):>10}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Run by tests/test_ddp.py in its own interpreter, on 2 gloo ranks: the class-balanced sampler gives
-the ranks disjoint classes that make up the single-process batch, and every loss family on 2 ranks x
+the ranks disjoint classes that make up the single-process batch, and every loss of conf/loss on 2 ranks x
 B/2 matches one process x B. Exits non-zero, naming what differs (loss or gradients beyond 1e-5)."""
 
 from __future__ import annotations
@@ -12,26 +12,24 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from benchmarks.losses import terms
+from benchmarks.losses import losses, total
 
-from dml.losses import ProxyBank
 from dml.losses.distributed import gather_batch, rescale_local_gradients
 
 B, D, C, WORLD = 24, 16, 12, 2
 
 
 class Model(torch.nn.Module):
-    """A linear 'network' and one loss term sharing a proxy bank, as in DMLModule."""
+    """A linear 'network' and one loss of conf/loss, as in DMLModule."""
 
     def __init__(self, name: str):
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Linear(D, D)
-        self.bank = ProxyBank(C, D)
-        self.term = terms(self.bank)[name]
+        self.loss = losses(C, D)[name]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.term(*gather_batch(F.normalize(self.net(x), dim=1), y))
+        return total(self.loss, *gather_batch(F.normalize(self.net(x), dim=1), y))
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,11 +89,11 @@ def sampler_rank_main(rank: int, port: str, out: dict) -> None:
 def main(port: str) -> None:
     out = mp.Manager().dict()
     mp.spawn(sampler_rank_main, args=(port, out), nprocs=WORLD, join=True)
-    print(f"{'sampler':<22} classes disjoint across ranks {'ok' if out['sampler'] else 'DIFFERS'}")
+    print(f"{'sampler':<30} classes disjoint across ranks {'ok' if out['sampler'] else 'DIFFERS'}")
     if not out["sampler"]:
         sys.exit("the ranks' batches overlap in classes or do not make up the global batch")
     port = str(int(port) + 1)
-    names = list(terms(ProxyBank(C, D)))
+    names = list(losses(C, D))
     failures = []
     for name in names:
         single = Model(name)
@@ -107,7 +105,7 @@ def main(port: str) -> None:
         mp.spawn(rank_main, args=(name, port, out), nprocs=WORLD, join=True)
         ok = torch.allclose(out["loss"], loss.detach(), atol=1e-5) and set(out["grads"]) == set(expected)
         ok = ok and all(torch.allclose(out["grads"][k], v, atol=1e-5) for k, v in expected.items())
-        print(f"{name:<22} loss {loss.item():.6f} ddp {out['loss'].item():.6f} {'ok' if ok else 'DIFFERS'}")
+        print(f"{name:<30} loss {loss.item():.6f} ddp {out['loss'].item():.6f} {'ok' if ok else 'DIFFERS'}")
         if not ok:
             failures.append(name)
         port = str(int(port) + 1)

@@ -177,6 +177,7 @@ def make_command(target, **variables):
     )
 
 
+@pytest.mark.slow  # make, then two entry points
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_make_train_and_evaluate_on_each_fixture_benchmark(tmp_path, name):
     expected = BUILDERS[name](tmp_path / "data" / name)

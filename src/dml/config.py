@@ -7,9 +7,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 
@@ -42,3 +44,18 @@ def compose(
         cfg.paths.output_dir = str(output)
         del cfg.hydra
     return cfg
+
+
+def loss_names() -> list[str]:
+    """Every loss a run can select (``loss=<name>``): the files of ``conf/loss/``."""
+    return sorted(p.stem for p in (conf_dir() / "loss").glob("*.yaml"))
+
+
+def build_loss(name: str, num_classes: int, embedding_size: int) -> torch.nn.Module:
+    """The CompositeLoss that ``loss=<name>`` trains with, for ``num_classes`` training classes and
+    ``embedding_size``-d embeddings (proxies initialised from torch's global generator)."""
+    cfg = compose(
+        [f"loss={name}", f"dataset.num_train_classes={num_classes}", f"head.out_dim={embedding_size}"],
+        output_dir=tempfile.gettempdir(),
+    )
+    return instantiate(cfg.loss)

@@ -8,7 +8,8 @@ from dml.evaluation.collapse import (
     mean_class_coding_rate,
     singular_values,
 )
-from dml.evaluation.retrieval import knn, map_at_r, recall_at_k, retrieval_metrics
+from dml.evaluation.metrics import metric_names, retrieval_metrics
+from dml.evaluation.retrieval import knn, map_at_r, recall_at_k, retrieval_scores
 
 __all__ = [
     "collapse_metrics",
@@ -17,8 +18,10 @@ __all__ = [
     "knn",
     "map_at_r",
     "mean_class_coding_rate",
+    "metric_names",
     "nmi_score",
     "recall_at_k",
     "retrieval_metrics",
+    "retrieval_scores",
     "singular_values",
 ]

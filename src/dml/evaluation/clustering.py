@@ -7,7 +7,7 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
-from dml.evaluation.retrieval import faiss_available
+from dml.evaluation.backends import faiss_available
 
 
 def nmi_score(

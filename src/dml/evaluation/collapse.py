@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dml.losses.coding_rate import coding_rate
+from dml.functional import coding_rate
 
 # Class centroids compared in blocks of this many rows: SOP's 11k centroids never form a full matrix.
 _BLOCK = 2048

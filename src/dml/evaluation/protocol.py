@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from dml.evaluation.collapse import COLLAPSE_METRICS
-from dml.evaluation.retrieval import metric_names
+from dml.evaluation.metrics import metric_names
 
 
 @dataclass(frozen=True)

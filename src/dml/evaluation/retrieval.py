@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import torch
 
-Backend = Literal["auto", "torch", "faiss"]
-KNN_BACKENDS = ("auto", "torch", "faiss")
+from dml.evaluation.backends import Backend, faiss_available
 
 # Bytes of similarity scores one chunk of queries may hold; bounds memory on SOP-sized sets.
 _CHUNK_BYTES = 256 * 2**20
 _CPU_BLOCK = 1024
-
-
-def faiss_available() -> bool:
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports every CPU-feature probe at INFO
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def metric_names(ks: Sequence[int], nmi: bool = True, nmi_multiples: Sequence[int] = ()) -> list[str]:
-    """The keys :func:`retrieval_metrics` returns for these options."""
-    return [
-        *(f"recall@{k}" for k in ks),
-        "map@r",
-        "r_precision",
-        *(["nmi"] if nmi else []),
-        *(f"nmi+{m}x" for m in nmi_multiples),
-    ]
 
 
 def knn(
@@ -263,18 +240,15 @@ def _scan_faiss(
     return ranks, neighbour_labels[:, :width]
 
 
-def retrieval_metrics(
+def retrieval_scores(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
     ks: Sequence[int] = (1, 2, 4, 8),
     reference: torch.Tensor | None = None,
     reference_labels: torch.Tensor | None = None,
     backend: Backend = "auto",
-    nmi: bool = True,
-    nmi_multiples: Sequence[int] = (),
-    seed: int = 0,
 ) -> dict[str, float]:
-    """Recall@K, MAP@R, R-Precision and NMI of a retrieval split, on exact neighbours.
+    """Recall@K, MAP@R and R-Precision of a retrieval split, on exact neighbours.
 
     Args:
         embeddings: (n, d) L2-normalised query embeddings.
@@ -285,12 +259,9 @@ def retrieval_metrics(
         backend: ``torch`` (one blocked pass over the similarities, on the embeddings' device; the
             default, ``auto``) or ``faiss`` (an exact flat index searched for the top max(K, R), on a GPU
             when faiss has one). Both give the same metrics.
-        nmi: cluster the query embeddings with k-means (k = number of classes) and report NMI.
-        nmi_multiples: also report NMI+ (EPS paper) with k = m x the number of classes, as ``nmi+{m}x``.
-        seed: k-means seed, so that evaluation is repeatable.
 
     Returns:
-        {"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ..., "nmi+10x": ...} as floats in [0, 1].
+        {"recall@K": ..., "map@r": ..., "r_precision": ...} as floats in [0, 1].
         Recall@K counts every query; MAP@R and R-Precision leave out queries with nothing to retrieve.
     """
     labels = labels.cpu().long()
@@ -319,12 +290,4 @@ def retrieval_metrics(
         raise ValueError(f"kNN backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
     out = {f"recall@{k}": (ranks < k).float().mean().item() for k in ks}
     out.update(map_at_r(nearest, labels, r))
-    if nmi or nmi_multiples:
-        from dml.evaluation.clustering import nmi_score
-
-        num_classes = int(torch.unique(labels).numel())
-        if nmi:
-            out["nmi"] = nmi_score(embeddings, labels, seed=seed)
-        for m in nmi_multiples:
-            out[f"nmi+{m}x"] = nmi_score(embeddings, labels, num_clusters=m * num_classes, seed=seed)
     return out

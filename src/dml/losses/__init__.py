@@ -4,11 +4,13 @@ A loss term is called as ``term(embeddings, labels) -> scalar``; pair and triple
 miner's ``indices``. ``CompositeLoss`` sums weighted terms that share one proxy bank.
 """
 
-from dml.losses.coding_rate import AntiCoLoss, coding_rate
+from dml.functional import coding_rate
+from dml.losses.coding_rate import AntiCoLoss
 from dml.losses.composite import CompositeLoss, Term
 from dml.losses.miners import (
     DistanceWeightedMiner,
     EasyPositiveMiner,
+    Miner,
     MultiSimilarityMiner,
     RandomTripletMiner,
     SemiHardNegativeMiner,
@@ -23,6 +25,7 @@ __all__ = [
     "DistanceWeightedMiner",
     "EasyPositiveMiner",
     "MarginLoss",
+    "Miner",
     "MultiSimilarityLoss",
     "MultiSimilarityMiner",
     "ProxyAnchorLoss",

@@ -1,4 +1,4 @@
-"""Coding rate (MCR^2) and the Anti-Collapse (AntiCo) loss built on it."""
+"""The Anti-Collapse (AntiCo) loss, built on the coding rate of :mod:`dml.functional`."""
 
 from __future__ import annotations
 
@@ -7,40 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from dml.functional import Scale, coding_rate
 from dml.losses.proxy import ProxyBank
-
-Scale = Literal["official", "mcr2"]
-
-
-def coding_rate(z: torch.Tensor, eps: float = 0.5, scale: Scale = "mcr2") -> torch.Tensor:
-    """Coding rate R(Z) = 1/2 logdet(I + c Z^T Z) of the rows of ``z``.
-
-    Args:
-        z: embeddings, shape (n, d).
-        eps: MCR^2's distortion (its "eps squared").
-        scale: ``mcr2`` gives c = d / (n eps); ``official`` gives the AntiCo code's c = n / (d eps).
-
-    Returns:
-        A scalar in float32 (float64 when ``z`` is float64) whatever the autocast dtype. By Sylvester's
-        identity the determinant is taken on the smaller of the n x n and d x d Gram matrices. The matrix
-        I + cG has all eigenvalues >= 1, so its Cholesky factor exists and the value and gradient stay
-        finite on collapsed (rank-deficient) input.
-    """
-    if z.ndim != 2:
-        raise ValueError(f"coding_rate expects a 2-D (n, d) tensor, got shape {tuple(z.shape)}")
-    n, d = z.shape
-    if n == 0:
-        raise ValueError("coding_rate got an empty set of vectors (n = 0)")
-    if scale not in ("mcr2", "official"):
-        raise ValueError(f"scale must be 'mcr2' or 'official', got {scale!r}")
-    c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
-    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        z = z.to(dtype)
-        gram = z @ z.T if n <= d else z.T @ z
-        eye = torch.eye(gram.shape[0], dtype=dtype, device=z.device)
-        chol = torch.linalg.cholesky(eye + c * gram)
-        return torch.log(torch.diagonal(chol)).sum()  # 1/2 * logdet = sum log diag(L)
 
 
 class AntiCoLoss(nn.Module):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dml.losses.miners import Miner
 from dml.losses.proxy import ProxyBank
 
 
@@ -121,6 +122,17 @@ class CompositeLoss(nn.Module):
                     )
                 )
         return groups
+
+    def random_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The generator states of every miner in the loss, by module name, for checkpoints."""
+        return {name: m.generator_states() for name, m in self.named_modules() if isinstance(m, Miner)}
+
+    def load_random_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore what :meth:`random_state` returned; miners the loss no longer has are ignored."""
+        miners = dict(self.named_modules())
+        for name, generators in state.items():
+            if isinstance(miners.get(name), Miner):
+                miners[name].load_generator_states(generators)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Args: embeddings (B, d); labels (B,). Returns {"loss": scalar, <term>: scalar, ...}."""

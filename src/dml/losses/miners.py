@@ -12,17 +12,19 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dml.losses.tuples import (
-    Pairs,
-    Triplets,
-    cosine_similarity,
-    iter_triplets,
-    label_masks,
-    pairwise_distance,
-)
+from dml.functional import cosine_similarity, pairwise_distance
+from dml.losses.tuples import Pairs, Triplets, iter_triplets, label_masks
 
 
-class _Miner(nn.Module):
+class Miner(nn.Module):
+    """Base of the miners: ``miner(embeddings, labels)`` returns pairs or triplets of batch indices.
+
+    A miner that draws at random draws from its own generators (one per device, seeded by ``seed``)
+    through :meth:`generator` or :meth:`sample`, never from torch's global one; their states go into
+    checkpoints through the loss that holds the miner (:meth:`CompositeLoss.random_state`), so that a
+    resumed run draws what an uninterrupted one would. Subclasses implement ``forward``.
+    """
+
     def __init__(self, seed: int = 0):
         super().__init__()
         self.seed = seed
@@ -50,7 +52,7 @@ def _empty(device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty(0, dtype=torch.long, device=device) for _ in range(n))
 
 
-class RandomTripletMiner(_Miner):
+class RandomTripletMiner(Miner):
     """For each anchor, ``triplets_per_anchor`` triplets with a random positive and a random negative."""
 
     def __init__(self, triplets_per_anchor: int = 1, seed: int = 0):
@@ -69,7 +71,7 @@ class RandomTripletMiner(_Miner):
         return anchors, p, n
 
 
-class SemiHardNegativeMiner(_Miner):
+class SemiHardNegativeMiner(Miner):
     """Every triplet whose negative is semi-hard (FaceNet): D(a,p) < D(a,n) <= D(a,p) + margin."""
 
     def __init__(self, margin: float = 0.2):
@@ -124,7 +126,7 @@ def distance_probabilities(
     return torch.where(has_inside, probs, uniform)
 
 
-class DistanceWeightedMiner(_Miner):
+class DistanceWeightedMiner(Miner):
     """For every positive pair, one negative of the anchor drawn with distance-weighted probability.
 
     Anchors whose negatives all lie beyond ``nonzero_loss_cutoff`` draw uniformly among them.
@@ -158,7 +160,7 @@ class DistanceWeightedMiner(_Miner):
 NegativeStrategy = Literal["all", "hard", "semihard", "random", "distance_weighted"]
 
 
-class EasyPositiveMiner(_Miner):
+class EasyPositiveMiner(Miner):
     """Easy positive sampling (EPS, Levi et al.): each anchor's positive is its nearest same-class sample.
 
     Negatives, chosen per anchor: ``all`` of them, the ``hard``-est, every ``semihard`` one relative to
@@ -228,7 +230,7 @@ class EasyPositiveMiner(_Miner):
         return a, p, n
 
 
-class MultiSimilarityMiner(_Miner):
+class MultiSimilarityMiner(Miner):
     """Multi-Similarity pair mining (Wang et al. 2019), S the cosine similarity.
 
     A negative pair (a, n) is kept when S_an + epsilon > min_p S_ap (harder than the anchor's hardest

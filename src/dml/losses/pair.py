@@ -11,15 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dml.losses.proxy import masked_logsumexp_plus_one
+from dml.functional import (
+    cosine_similarity,
+    masked_logsumexp_plus_one,
+    pairwise_distance,
+    squared_distance,
+)
 from dml.losses.tuples import (
     Pairs,
     Triplets,
-    cosine_similarity,
     iter_triplets,
     mean_of_nonzero,
-    pairwise_distance,
-    squared_distance,
     to_pairs,
 )
 

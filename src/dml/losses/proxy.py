@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dml.losses.tuples import cosine_similarity
+from dml.functional import cosine_similarity, masked_logsumexp_plus_one
 
 
 class ProxyBank(nn.Module):
@@ -48,17 +48,6 @@ class ProxyBank(nn.Module):
         """L2-normalised proxies, all of them or the rows ``classes``; shape (m, d)."""
         w = self.weight if classes is None else self.weight[classes]
         return F.normalize(w, dim=1)
-
-
-def masked_logsumexp_plus_one(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """log(1 + sum over ``mask`` of exp(logits)) along ``dim``, stable in low precision.
-
-    The "1 +" is a zero logit appended to the reduction; masked-out entries contribute nothing.
-    """
-    neg_inf = torch.finfo(logits.dtype).min
-    masked = logits.masked_fill(~mask, neg_inf)
-    zero = torch.zeros_like(masked.narrow(dim, 0, 1))
-    return torch.logsumexp(torch.cat([masked, zero], dim=dim), dim=dim)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -75,34 +74,6 @@ def iter_triplets(indices: Pairs | Triplets | None, labels: torch.Tensor) -> Ite
         ).repeat_interleave(counts)
         yield a, pp, neg_sorted[first + offset]
         start = stop
-
-
-def full_precision(x: torch.Tensor) -> torch.autocast:
-    """A context in which autocast is off, for similarity maths that bf16 would spoil."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float64 stays float64; anything else becomes float32."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Cosine similarities between the rows of ``x`` and ``y`` (default ``x``), in float32 or float64."""
-    with full_precision(x):
-        x = F.normalize(upcast(x), dim=1)
-        y = x if y is None else F.normalize(upcast(y), dim=1)
-        return x @ y.T
-
-
-def squared_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared Euclidean distances between L2-normalised rows: 2 - 2 cos, never below 0."""
-    return (2 - 2 * cosine_similarity(x, y)).clamp_min(0)
-
-
-def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Euclidean distances between L2-normalised rows, from 2 - 2 cos; finite gradient at 0."""
-    return squared_distance(x, y).clamp_min(1e-12).sqrt()
 
 
 def mean_of_nonzero(values: torch.Tensor) -> torch.Tensor:

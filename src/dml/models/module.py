@@ -15,12 +15,11 @@ from torch import nn
 
 from dml.errors import UserError
 from dml.evaluation import collapse_metrics, retrieval_metrics
+from dml.evaluation.backends import KNN_BACKENDS, faiss_available
 from dml.evaluation.protocol import EvaluationProtocol
-from dml.evaluation.retrieval import KNN_BACKENDS, faiss_available
 from dml.log import get_logger
 from dml.losses import CompositeLoss
 from dml.losses.distributed import gather_batch, rescale_local_gradients, world_size
-from dml.losses.miners import _Miner
 
 log = get_logger(__name__)
 
@@ -300,9 +299,7 @@ class DMLModule(L.LightningModule):
             "numpy": _numpy_state_to_plain(np.random.get_state()),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "miners": {
-                name: m.generator_states() for name, m in self.loss.named_modules() if isinstance(m, _Miner)
-            },
+            "miners": self.loss.random_state(),
         }
 
     def _set_random_state(self, state: dict[str, Any]) -> None:
@@ -311,10 +308,7 @@ class DMLModule(L.LightningModule):
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
-        miners = dict(self.loss.named_modules())
-        for name, generators in state["miners"].items():
-            if isinstance(miners.get(name), _Miner):
-                miners[name].load_generator_states(generators)
+        self.loss.load_random_state(state["miners"])
 
 
 def _gather_objects(obj: Any) -> list[Any]:

@@ -1,0 +1,82 @@
+"""Tensor maths shared by the losses and the evaluation: similarities and distances of unit vectors, a
+masked log-sum-exp, and the coding rate. Neither package imports the other for these."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """A context in which autocast is off, for similarity maths that bf16 would spoil."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64; anything else becomes float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosine similarities between the rows of ``x`` and ``y`` (default ``x``), in float32 or float64."""
+    with full_precision(x):
+        x = F.normalize(upcast(x), dim=1)
+        y = x if y is None else F.normalize(upcast(y), dim=1)
+        return x @ y.T
+
+
+def squared_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared Euclidean distances between L2-normalised rows: 2 - 2 cos, never below 0."""
+    return (2 - 2 * cosine_similarity(x, y)).clamp_min(0)
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Euclidean distances between L2-normalised rows, from 2 - 2 cos; finite gradient at 0."""
+    return squared_distance(x, y).clamp_min(1e-12).sqrt()
+
+
+def masked_logsumexp_plus_one(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """log(1 + sum over ``mask`` of exp(logits)) along ``dim``, stable in low precision.
+
+    The "1 +" is a zero logit appended to the reduction; masked-out entries contribute nothing.
+    """
+    neg_inf = torch.finfo(logits.dtype).min
+    masked = logits.masked_fill(~mask, neg_inf)
+    zero = torch.zeros_like(masked.narrow(dim, 0, 1))
+    return torch.logsumexp(torch.cat([masked, zero], dim=dim), dim=dim)
+
+
+Scale = Literal["official", "mcr2"]
+
+
+def coding_rate(z: torch.Tensor, eps: float = 0.5, scale: Scale = "mcr2") -> torch.Tensor:
+    """Coding rate R(Z) = 1/2 logdet(I + c Z^T Z) of the rows of ``z``.
+
+    Args:
+        z: embeddings, shape (n, d).
+        eps: MCR^2's distortion (its "eps squared").
+        scale: ``mcr2`` gives c = d / (n eps); ``official`` gives the AntiCo code's c = n / (d eps).
+
+    Returns:
+        A scalar in float32 (float64 when ``z`` is float64) whatever the autocast dtype. By Sylvester's
+        identity the determinant is taken on the smaller of the n x n and d x d Gram matrices. The matrix
+        I + cG has all eigenvalues >= 1, so its Cholesky factor exists and the value and gradient stay
+        finite on collapsed (rank-deficient) input.
+    """
+    if z.ndim != 2:
+        raise ValueError(f"coding_rate expects a 2-D (n, d) tensor, got shape {tuple(z.shape)}")
+    n, d = z.shape
+    if n == 0:
+        raise ValueError("coding_rate got an empty set of vectors (n = 0)")
+    if scale not in ("mcr2", "official"):
+        raise ValueError(f"scale must be 'mcr2' or 'official', got {scale!r}")
+    c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.to(dtype)
+        gram = z @ z.T if n <= d else z.T @ z
+        eye = torch.eye(gram.shape[0], dtype=dtype, device=z.device)
+        chol = torch.linalg.cholesky(eye + c * gram)
+        return torch.log(torch.diagonal(chol)).sum()  # 1/2 * logdet = sum log diag(L)
