@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dml import functional
 from dml.losses import (
     AntiCoLoss,
     ContrastiveLoss,
@@ -301,7 +302,7 @@ def test_distance_weighted_probabilities_are_exact_in_high_dimension(dtype, dim)
     """The row maximum is taken over the valid negatives only: normalising against self or positives
     (much closer, so weighted far higher) underflowed the negatives for dim >= 1024."""
     x, y = spread_batch(dtype, dim)
-    dist = tuples_module.pairwise_distance(x)
+    dist = functional.pairwise_distance(x)
     inside = (dist < 1.4) & (y[:, None] != y[None, :])
     assert inside.sum(1).min() >= 3, "the fixture must put several negatives of every row inside the cut-off"
     ours = DistanceWeightedMiner().negative_weights(x, y)
@@ -396,7 +397,7 @@ def test_easy_positives_agree_with_pml_batch_easy_hard_miner(dtype):
     x, y = batch(dtype)
     a1, p, _, _ = pml_miners.BatchEasyHardMiner(pos_strategy="easy", neg_strategy="all")(x, y)
     ours = EasyPositiveMiner("hard")
-    da, dp = ours.easy_positives(ours_dist := tuples_module.pairwise_distance(x), y)
+    da, dp = ours.easy_positives(ours_dist := functional.pairwise_distance(x), y)
     assert ours_dist.shape == (len(y), len(y))
     assert dict(zip(a1.tolist(), p.tolist(), strict=True)) == dict(zip(da.tolist(), dp.tolist(), strict=True))
 

@@ -5,7 +5,7 @@ miner's ``indices``. ``CompositeLoss`` sums weighted terms that share one proxy 
 """
 
 from dml.functional import coding_rate
-from dml.losses.coding_rate import AntiCoLoss
+from dml.losses.antico import AntiCoLoss
 from dml.losses.composite import CompositeLoss, Term
 from dml.losses.miners import (
     DistanceWeightedMiner,
