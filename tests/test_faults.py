@@ -10,6 +10,8 @@ import hashlib
 import tarfile
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from dml.config import compose
 from dml.data import CUBDataModule, SOPDataModule
@@ -204,12 +206,42 @@ def test_malformed_label_rows_name_the_file_and_line(tmp_path, dataset, name, ro
         module(str(root), num_train_classes=3 if dataset == "cub" else 4, **SMALL).prepare_data()
 
 
-def test_a_one_image_split_still_gets_its_pictures(tmp_path):
-    import torch
+def keep_one_test_image(files):
+    """Leave a single image in the test classes (101-200), in every file that lists images."""
+    test_ids = [
+        r.split()[0]
+        for r in files["CUB_200_2011/image_class_labels.txt"].decode().splitlines()
+        if int(r.split()[1]) > 100
+    ]
+    drop = set(test_ids[1:])
+    for name in ("CUB_200_2011/images.txt", "CUB_200_2011/image_class_labels.txt"):
+        rows = [r for r in files[name].decode().splitlines() if r.split()[0] not in drop]
+        files[name] = ("\n".join(rows) + "\n").encode()
+    kept = {r.split()[1] for r in files["CUB_200_2011/images.txt"].decode().splitlines()}
+    for name in [
+        n for n in files if n.endswith(".jpg") and n.removeprefix("CUB_200_2011/images/") not in kept
+    ]:
+        del files[name]
 
-    path = embedding_map(
-        torch.nn.functional.normalize(torch.randn(1, 16), dim=1), torch.tensor([3]), tmp_path / "m.png"
+
+def test_a_one_image_test_split_keeps_its_metrics_and_pictures(tmp_path):
+    write_tgz(tmp_path / "data" / "cub" / "CUB_200_2011.tgz", cub_archive_with(tmp_path, keep_one_test_image))
+    run = tmp_path / "run"
+    metrics = fit(
+        run,
+        "dataset=cub",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "dataset.num_train_classes=3",
+        "dataset.image_size=32",
+        "dataset.resize_size=36",
+        "dataset.batch_size=4",
+        "dataset.samples_per_class=2",
+        "dataset.download=false",
+        "trainer.max_epochs=1",
     )
+    assert "test/recall@1" in metrics and (run / "test_metrics.json").is_file()
+    assert (run / "pictures" / "test_embedding_map.png").is_file()
+    path = embedding_map(F.normalize(torch.randn(1, 16), dim=1), torch.tensor([3]), tmp_path / "m.png")
     assert path.is_file()
 
 
