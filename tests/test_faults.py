@@ -63,6 +63,24 @@ def test_overwrite_true_replaces_the_earlier_run(tmp_path):
     (tmp_path / "checkpoints" / "epoch_000.ckpt").rename(tmp_path / "checkpoints" / "epoch_999.ckpt")
     fit(tmp_path, "trainer.max_epochs=1", "overwrite=true")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    assert not (tmp_path / ".replaced").exists(), "the replaced run goes once the new one has finished"
+
+
+def test_a_replacement_that_fails_leaves_the_earlier_run_recoverable(finished, tmp_path):
+    import shutil
+
+    run, before = finished
+    shutil.copytree(run, tmp_path / "run")
+    with pytest.raises(UserError, match="monitor.metric"):
+        fit(tmp_path / "run", "overwrite=true", "monitor.metric=val/recal@1")
+    assert digests(tmp_path / "run" / ".replaced") == before
+
+
+def test_a_folder_whose_run_never_wrote_a_checkpoint_is_trained_into(tmp_path):
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "config.yaml").write_text("stopped: before its first checkpoint\n")
+    fit(tmp_path, "trainer.max_epochs=1")  # "run the same command again", as the stop message says
+    assert (tmp_path / "test_metrics.json").is_file()
 
 
 def test_resuming_with_another_lr_is_refused(finished):

@@ -48,6 +48,15 @@ def test_a_signal_stops_the_run_non_zero_and_says_how_to_resume(tmp_path, name, 
     assert "Restored all states" in out_of(resumed) and (run / "test_metrics.json").is_file()
 
 
+def test_a_finished_run_folder_is_left_byte_for_byte(tmp_path):
+    run = tmp_path / "run"
+    assert run_entry("train.py", [*FAST_RUN, "trainer.max_epochs=1", f"hydra.run.dir={run}"]).returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = run_entry("train.py", [*FAST_RUN, "trainer.max_epochs=1", f"hydra.run.dir={run}"])
+    one_message(again, 2, "already holds a run", "overwrite=true")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, "Hydra's files and log too"
+
+
 def test_a_sweep_goes_on_past_a_failed_job_and_lists_it(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_entry(
@@ -161,7 +170,7 @@ def test_evaluate_keeps_one_metrics_file_per_checkpoint_and_follows_paths_data_d
 
 
 def test_evaluate_on_another_dataset_takes_that_dataset_whole(cub_run, tmp_path):
-    _, run = cub_run
+    base, run = cub_run
     ckpt = run / "checkpoints" / "last.ckpt"
     proc = run_entry(
         "evaluate.py",
@@ -169,6 +178,12 @@ def test_evaluate_on_another_dataset_takes_that_dataset_whole(cub_run, tmp_path)
     )
     assert proc.returncode == 0, out_of(proc)
     assert "test (mnist, unseen classes)" in out_of(proc)
+    assert ckpt.with_name("last.mnist.metrics.json").is_file(), "the CUB metrics of last.ckpt stay"
+    # A dataset chosen by name lives under this command's paths.data_dir, not the training run's.
+    args = ["dataset=cub", "dataset.num_train_classes=3", f"paths.data_dir={base / 'moved'}"]
+    proc = run_entry("evaluate.py", [f"ckpt_path={ckpt}", *args, f"hydra.run.dir={tmp_path / 'cub'}"])
+    assert proc.returncode == 0, out_of(proc)
+    assert ckpt.with_name("last.cub.metrics.json").is_file()
 
 
 def test_an_image_unreadable_in_a_loader_worker_is_one_message(cub_run, tmp_path):

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,19 +29,22 @@ from dml.log import get_logger
 
 log = get_logger(__name__)
 
-# What a training run writes into its folder (Hydra's own .hydra/ and <task>.log aside).
-RUN_OUTPUTS = ("config.yaml", "checkpoints", "test_metrics.json", "csv", "pictures", "wandb")
+# What a training run writes into its folder; a run that got this far is kept unless asked.
+FINISHED_OUTPUTS = ("checkpoints", "test_metrics.json")
+# Everything else a run (and Hydra) writes there, moved aside with them by overwrite=true.
+OTHER_OUTPUTS = ("config.yaml", "csv", "pictures", "wandb", ".hydra", "train.log", "FAILED")
+REPLACED = ".replaced"  # overwrite=true keeps the earlier run here until the new one finishes
 # Settings a resumed run takes from the checkpoint (optimizer and scheduler state), not from the config.
 RESTORED_FROM_CHECKPOINT = ("optimizer", "scheduler", "model.lr_mult", "model.loss_weight_decay")
 # Settings a run may change when it resumes without a word (where data live, how fast they load).
 FREE_ON_RESUME = ("dataset.root", "dataset.num_workers", "dataset.pin_memory", "dataset.persistent_workers")
 # Options of train.py that describe this invocation rather than the run.
-INVOCATION_KEYS = ("ckpt_path", "overwrite", "hydra.run.dir")
+INVOCATION_KEYS = ("ckpt_path", "overwrite", "hydra.run.dir", "hydra.mode")
 
 
 class RunStopped(Exception):
-    """Training stopped before the end (a signal, or an error after it started); ``exit_code`` is the
-    process's exit status and the message says how to resume."""
+    """A signal stopped training before the end; ``exit_code`` is the process's exit status and the
+    message says how to resume."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -48,43 +52,79 @@ class RunStopped(Exception):
 
 
 def is_launching_process() -> bool:
-    """True in the process a user started; False in the extra processes DDP and SLURM launch beside it."""
-    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+    """True in the process a user started (global rank 0); False in the processes DDP, SLURM or
+    torchrun start beside it."""
+    keys = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in keys)
 
 
-def claim_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
-    """Make ``output_dir`` ready for a run, refusing one that already holds a run.
+def check_writable(folder: Path, option: str) -> None:
+    """Create ``folder`` if needed and check that files can be written in it.
 
     Raises:
-        UserError: the folder cannot be written, or it holds another run's outputs and the command
-            neither resumes it nor passes ``overwrite=true``.
+        UserError: it is a file, or it cannot be created or written; the message names ``option``.
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"the run folder {output_dir} is a file; choose a folder with hydra.run.dir=<folder>")
-    probe = output_dir / ".dml_write_test"
+    probe = folder / f".dml_write_test.{os.getpid()}"
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "it is a file")
+        folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise UserError(
-            f"cannot write the run folder {output_dir} ({e.strerror or e}); choose a writable one with "
-            "hydra.run.dir=<folder> (or paths.log_dir=<folder> for every run)"
+            f"cannot write the run folder {folder} ({e.strerror or e}); choose a writable one with {option} "
+            "(or paths.log_dir=<folder> for every run)"
         ) from e
-    found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
-    if not found or not is_launching_process() or _resumes_inside(output_dir, ckpt_path):
+
+
+def claim_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """Make ``output_dir`` ready for a run, refusing one that holds a run that got somewhere (a
+    checkpoint or test metrics) unless the command resumes it or passes ``overwrite=true``.
+
+    With ``overwrite=true`` the earlier run's files move to ``<run>/.replaced/``, removed once the new
+    run finishes (:func:`release_replaced`): a new run that fails leaves the earlier one recoverable.
+
+    Raises:
+        UserError: the folder cannot be written, or it holds another run and the command neither
+            resumes it nor passes ``overwrite=true``.
+    """
+    if not is_launching_process():
+        return  # the launching process checked the folder; the others must not race it
+    check_writable(output_dir, "hydra.run.dir=<folder>")
+    if _resumes_inside(output_dir, ckpt_path):
         return
-    if overwrite:
+    finished = [name for name in FINISHED_OUTPUTS if (output_dir / name).exists()]
+    if finished and not overwrite:
+        raise UserError(
+            f"the run folder {output_dir} already holds a run ({', '.join(finished)}); nothing was changed. "
+            "Resume it with ckpt_path=last, train into a new folder (drop hydra.run.dir), or replace it with "
+            "overwrite=true"
+        )
+    found = [name for name in (*FINISHED_OUTPUTS, *OTHER_OUTPUTS) if (output_dir / name).exists()]
+    if not found:
+        return
+    replaced = output_dir / REPLACED
+    if finished and not replaced.exists():
+        replaced.mkdir()
         for name in found:
-            path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        log.warning("overwrite=true: removed the earlier run's %s from %s", ", ".join(found), output_dir)
+            (output_dir / name).replace(replaced / name)
+        log.warning("overwrite=true: the earlier run waits in %s until this one finishes", replaced)
         return
-    raise UserError(
-        f"the run folder {output_dir} already holds a run ({', '.join(found)}); nothing was changed. "
-        "Resume it with ckpt_path=last, train into a new folder (drop hydra.run.dir), or replace it with "
-        "overwrite=true"
-    )
+    # What is left is a run that never wrote a checkpoint, or a replacement that failed (the run it
+    # replaced is still in .replaced): start over.
+    for name in found:
+        path = output_dir / name
+        if name not in (".hydra", "train.log"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def release_replaced(output_dir: Path) -> None:
+    """Remove the run that ``overwrite=true`` replaced, now that the new one has finished."""
+    replaced = output_dir / REPLACED
+    if replaced.is_dir() and is_launching_process():
+        shutil.rmtree(replaced)
+        log.info("overwrite=true: removed the replaced run (%s)", replaced)
 
 
 def _resumes_inside(output_dir: Path, ckpt_path: str | None) -> bool:
@@ -168,10 +208,16 @@ def check_resume(path: Path, stored: Mapping[str, Any], cfg: DictConfig) -> None
             line = f"{key}: {old!r} in the checkpoint, {new!r} now"
             (ignored if key.startswith(RESTORED_FROM_CHECKPOINT) else changed).append(line)
     if ignored:
+        follows = (
+            "\n(scheduler.T_max follows trainer.max_epochs: a cosine schedule resumes with the run's own "
+            "trainer.max_epochs)"
+            if any(line.startswith("scheduler.T_max") for line in ignored)
+            else ""
+        )
         raise UserError(
             f"resuming from {path} restores its optimizer and lr schedule, so these settings would be "
-            "ignored:\n  " + "\n  ".join(ignored) + "\nDrop those overrides to resume the run as it was "
-            "trained, or train a new run (drop ckpt_path)"
+            "ignored:\n  " + "\n  ".join(ignored) + follows + "\nDrop those overrides to resume the run as "
+            "it was trained, or train a new run (drop ckpt_path)"
         )
     if changed:
         log.warning(
@@ -223,24 +269,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def resume_command(cfg: DictConfig) -> str:
-    """The command that continues this run from its ``last.ckpt``, in its own folder."""
+    """The command that continues this run (a single run, or one job of a sweep) from its ``last.ckpt``,
+    in its own folder."""
     try:
-        overrides = list(HydraConfig.get().overrides.task)
+        hydra = HydraConfig.get()
+        overrides, sweep = list(hydra.overrides.task), hydra.mode == RunMode.MULTIRUN
     except ValueError:  # not under @hydra.main
-        overrides = []
+        overrides, sweep = [], False
     keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in INVOCATION_KEYS]
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"
-    args = [*keep, f"hydra.run.dir={cfg.paths.output_dir}", "ckpt_path=last"]
+    args = [*keep, *(["hydra.mode=RUN"] * sweep), f"hydra.run.dir={cfg.paths.output_dir}", "ckpt_path=last"]
     return f"python {script} " + " ".join(shlex.quote(a) for a in args)
 
 
 def stop_message(cfg: DictConfig, reason: str) -> str:
     """``reason``, what is kept, and the command that resumes the run (or that there is none yet)."""
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        epochs = int(torch.load(last, map_location="cpu", weights_only=False).get("epoch", -1)) + 1
-        return (
-            f"{reason}. The run did not finish; {last} holds it after {epochs} epoch(s) (later progress "
-            f"is redone). Resume it with:\n  {resume_command(cfg)}"
-        )
-    return f"{reason}. The run did not finish and wrote no checkpoint yet: run the same command again to start over"
+    try:  # memory-mapped: only the epoch counter is read, even from a large checkpoint
+        epochs = int(torch.load(last, map_location="cpu", mmap=True, weights_only=False)["epoch"]) + 1
+    except Exception:  # noqa: BLE001 - no readable checkpoint: nothing to resume from
+        return f"{reason}. The run did not finish and has no checkpoint to resume from: run the same command again"
+    return (
+        f"{reason}. The run did not finish; {last} holds it after {epochs} epoch(s) (later progress is "
+        f"redone). Resume it with:\n  {resume_command(cfg)}"
+    )

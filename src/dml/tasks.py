@@ -30,8 +30,11 @@ from dml.runs import (
     RunStopped,
     check_resume,
     check_same_model,
+    check_writable,
     claim_run_dir,
+    is_launching_process,
     read_checkpoint,
+    release_replaced,
     resolve_ckpt_path,
     stop_message,
 )
@@ -96,7 +99,7 @@ def _metrics_table(title: str, metrics: dict[str, float]) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write ``text`` beside ``path`` and rename it into place: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # a name of its own per process
     try:
         tmp.write_text(text)
         tmp.replace(path)
@@ -151,7 +154,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_same_model(ckpt, payload["state_dict"], module)
         check_resume(ckpt, payload["dml_config"], cfg)
         del payload
-    _write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if is_launching_process():  # one writer: under DDP every process runs this function
+        _write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     monitored = {"monitor.metric": cfg.get("monitor", {}).get("metric")}
     if _is_multirun() and cfg.get("optimized_metric"):
         monitored["optimized_metric"] = cfg.optimized_metric
@@ -186,16 +190,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("best checkpoint: %s", best)
             log.info("last checkpoint: %s", Path(best).parent / "last.ckpt")
         log.info("logs and config: %s", output_dir)
-        if module.test_results:
+        if module.test_results and trainer.is_global_zero:
             _write_json_atomic(output_dir / "test_metrics.json", module.test_results)
+        if trainer.is_global_zero:
+            (output_dir / "FAILED").unlink(missing_ok=True)  # left by an earlier failed try of this job
+            release_replaced(output_dir)
     except SystemExit as e:  # Lightning ends a run stopped by SIGTERM or Ctrl+C (SIGINT) with SystemExit
         if isinstance(e, SIGTERMException) or trainer.interrupted:
             name, code = ("SIGTERM", 143) if isinstance(e, SIGTERMException) else ("SIGINT (Ctrl+C)", 130)
-            raise RunStopped(stop_message(cfg, f"{stage} was stopped by {name}"), code) from e
-        raise
-    except UserError as e:
-        if stage == "training" and (output_dir / "checkpoints" / "last.ckpt").is_file():
-            raise UserError(stop_message(cfg, str(e))) from e
+            reason = f"{stage} was stopped by {name}"
+            raise RunStopped(stop_message(cfg, reason) if trainer.is_global_zero else reason, code) from e
         raise
     finally:
         if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
@@ -245,7 +249,10 @@ def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
     for key in keys:
         if key.split(".")[0] in MODEL_KEYS:
             # A group choice (dataset=cub) replaces the stored group; a key (dataset.root=...) patches it.
-            OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge="." in key, force_add=True)
+            value = OmegaConf.select(cfg, key)
+            if isinstance(value, DictConfig | ListConfig):  # resolved here, against this command's paths
+                value = OmegaConf.to_container(value, resolve=True)
+            OmegaConf.update(run_cfg, key, value, merge="." in key, force_add=True)
     if any(k.startswith("paths.") for k in keys) and not {"dataset", "dataset.root"} & set(keys):
         _move_data_root(run_cfg, cfg)
     L.seed_everything(run_cfg.get("seed", 0), workers=True)
@@ -275,11 +282,13 @@ def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
     metrics = module.test_results
     log.info("%s", _metrics_table(f"test ({datamodule.name}, unseen classes) - {ckpt_path.name}", metrics))
     record = {"checkpoint": str(ckpt_path), "metrics": metrics}
-    out = ckpt_path.with_name(f"{ckpt_path.stem}.metrics.json")
+    # Named by the dataset when it is not the one the checkpoint was trained on.
+    other = f".{datamodule.name}" if "dataset" in keys else ""
+    out = ckpt_path.with_name(f"{ckpt_path.stem}{other}.metrics.json")
     try:
         _write_json_atomic(out, record)
     except UserError as e:  # a read-only checkpoint folder: the evaluation's own folder keeps them
-        out = Path(cfg.paths.output_dir) / f"{ckpt_path.parent.parent.name}_{ckpt_path.stem}.metrics.json"
+        out = Path(cfg.paths.output_dir) / f"{ckpt_path.parent.parent.name}_{out.name}"
         log.warning("%s; writing the metrics to %s instead", e, out)
         _write_json_atomic(out, record)
     log.info("metrics written to %s", out)
@@ -381,10 +390,23 @@ class RunFolders(Callback):
     sweep exits with 1."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _make_folder(config.hydra.run.dir, "hydra.run.dir=<folder>")
+        # Before Hydra writes its .hydra/ and log into the run folder: a training run claims it first.
+        folder = Path(config.hydra.run.dir)
+        try:
+            if config.get("task_name") == "train":
+                claim_run_dir(folder, config.get("ckpt_path"), bool(config.get("overwrite")))
+            else:
+                check_writable(folder, "hydra.run.dir=<folder>")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)  # noqa: T201 - the message a user must see
+            sys.exit(2)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _make_folder(config.hydra.sweep.dir, "hydra.sweep.dir=<folder>")
+        try:
+            check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir=<folder>")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)  # noqa: T201 - the message a user must see
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed = sorted(Path(config.hydra.sweep.dir).glob("*/FAILED"), key=lambda p: p.parent.name)
@@ -396,21 +418,3 @@ class RunFolders(Callback):
             file=sys.stderr,
         )
         sys.exit(1)
-
-
-def _make_folder(folder: str, option: str) -> None:
-    path = Path(folder)
-    try:
-        if path.exists() and not path.is_dir():
-            raise NotADirectoryError(20, "it is a file")
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".dml_write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        print(  # noqa: T201 - the message a user must see
-            f"error: cannot write the run folder {path} ({e.strerror or e}); choose a writable one with "
-            f"{option} (or paths.log_dir=<folder> for every run)",
-            file=sys.stderr,
-        )
-        sys.exit(2)

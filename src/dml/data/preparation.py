@@ -169,8 +169,8 @@ def _replaced_since_extraction(root: Path, archive: Archive) -> bool:
     """True when the archive now in ``root`` is not the one its extracted folder came from (the user
     put a new archive in place after a failed preparation): the folder is then extracted again."""
     path, marker = root / archive.filename, _marker(root, archive)
-    if not archive.is_archive or not path.is_file() or not marker.is_file():
-        return False
+    if not archive.is_archive or not path.is_file() or not marker.is_file() or not os.access(root, os.W_OK):
+        return False  # extracted by hand (delete the folder to extract again), or a read-only copy
     try:
         return json.loads(marker.read_text()) != _stamp(path)
     except (OSError, json.JSONDecodeError):
@@ -195,8 +195,9 @@ def check_images(root: Path, paths: list[str], skip_bad: bool, name: str) -> set
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise UserError(
             f"{len(bad)} image(s) of {name} are missing or unreadable:\n{shown}{more}\n"
-            f"Put a good copy of the official archive in {root} (the folder is extracted from it again on the "
-            "next run), or set dataset.skip_bad_images=true to leave them out."
+            f"Put a good copy of the official archive in {root} (a folder dml extracted is extracted again "
+            "from a new archive; delete one you extracted yourself), or set dataset.skip_bad_images=true to "
+            "leave them out."
         )
     if bad:
         log.warning(

@@ -53,7 +53,8 @@ def read_table(path: Path, columns: Sequence[type], skip: int = 0, source: str =
     if not path.is_file():
         raise UserError(
             f"{path} is missing; the dataset folder is incomplete: put a good copy of the official archive "
-            "beside it (the folder is extracted from it again on the next run)"
+            "in the dataset folder (a folder dml extracted is extracted again from a new archive; delete one "
+            "you extracted yourself)"
         )
     names = " ".join(c.__name__ for c in columns)
     rows = []
