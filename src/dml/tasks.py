@@ -140,8 +140,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Raises:
         UserError: the run folder holds another run, the checkpoint to resume from is unusable or was
-            trained with other optimizer settings, a monitored metric is not logged, or training stopped
-            on an error (the message says how to resume).
+            trained with other optimizer settings, a monitored metric is not logged, the loss diverged.
         RunStopped: a signal (SIGTERM, SIGINT) stopped training; the message says how to resume.
     """
     output_dir = Path(cfg.paths.output_dir)
