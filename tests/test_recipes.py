@@ -127,8 +127,8 @@ EPS_MARGIN = dict(
         "margin.per_class": True,
         "margin.nu": 0.0,
         "margin.miner.negatives": "distance_weighted",
-        "margin.miner._weighted.cutoff": 0.5,
-        "margin.miner._weighted.nonzero_loss_cutoff": 1.4,
+        "margin.miner.cutoff": 0.5,
+        "margin.miner.nonzero_loss_cutoff": 1.4,
     },
     miners={"margin": "EasyPositiveMiner"},
 )

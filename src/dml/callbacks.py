@@ -61,7 +61,8 @@ class EmbeddingPictures(L.Callback):
             spectrum_plot(singular_values(x), self.dirpath / f"{stage}_spectrum.png"),
         ]
         if protocol.raw_image is not None and len(y) > 1:
-            paths.append(self._grid(x, y, protocol, self.dirpath / f"{stage}_retrievals.png"))
+            metric = getattr(module, "metric", "cosine")
+            paths.append(self._grid(x, y, protocol, self.dirpath / f"{stage}_retrievals.png", metric))
         self.written = paths
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
@@ -69,9 +70,11 @@ class EmbeddingPictures(L.Callback):
                     logger.log_image(key=f"{stage}/{p.stem.removeprefix(stage + '_')}", images=[str(p)])
         log.info("pictures of the %s embeddings: %s", stage, self.dirpath)
 
-    def _grid(self, x: torch.Tensor, y: torch.Tensor, protocol: EvaluationProtocol, path: Path) -> Path:
+    def _grid(
+        self, x: torch.Tensor, y: torch.Tensor, protocol: EvaluationProtocol, path: Path, metric: str
+    ) -> Path:
         roles = protocol.roles
         pool = torch.arange(len(y)) if roles is None else torch.nonzero(roles == 0).flatten()
         step = max(1, len(pool) // self.num_queries)
         queries = pool[::step][: self.num_queries]
-        return split_retrievals(x, y, roles, protocol.raw_image, queries, path, self.top_k)
+        return split_retrievals(x, y, roles, protocol.raw_image, queries, path, self.top_k, metric)

@@ -27,14 +27,23 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.T
         return x @ y.T
 
 
-def squared_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared Euclidean distances between L2-normalised rows: 2 - 2 cos, never below 0."""
-    return (2 - 2 * cosine_similarity(x, y)).clamp_min(0)
+def squared_distance(x: torch.Tensor, y: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
+    """Squared Euclidean distances between the rows of ``x`` and ``y`` (default ``x``), never below 0.
+
+    ``normalize``: of the L2-normalised rows (2 - 2 cos); otherwise of the rows as they are, in the
+    plane or space they live in (|x|^2 + |y|^2 - 2 x.y).
+    """
+    if normalize:
+        return (2 - 2 * cosine_similarity(x, y)).clamp_min(0)
+    with full_precision(x):
+        x = upcast(x)
+        y = x if y is None else upcast(y)
+        return ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T).clamp_min(0)
 
 
-def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Euclidean distances between L2-normalised rows, from 2 - 2 cos; finite gradient at 0."""
-    return squared_distance(x, y).clamp_min(1e-12).sqrt()
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
+    """Euclidean distances (see :func:`squared_distance`); finite gradient at 0."""
+    return squared_distance(x, y, normalize).clamp_min(1e-12).sqrt()
 
 
 def masked_logsumexp_plus_one(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ from typing import Literal
 
 Backend = Literal["auto", "torch", "faiss"]
 KNN_BACKENDS = ("auto", "torch", "faiss")
+Metric = Literal["cosine", "euclidean"]
+METRICS = ("cosine", "euclidean")  # unit-norm embeddings, or embeddings left as they are
 
 
 def faiss_available() -> bool:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dml.evaluation.backends import Backend
+from dml.evaluation.backends import Backend, Metric
 from dml.evaluation.clustering import nmi_score
 from dml.evaluation.retrieval import retrieval_scores
 
@@ -29,6 +29,7 @@ def retrieval_metrics(
     reference: torch.Tensor | None = None,
     reference_labels: torch.Tensor | None = None,
     backend: Backend = "auto",
+    metric: Metric = "cosine",
     nmi: bool = True,
     nmi_multiples: Sequence[int] = (),
     seed: int = 0,
@@ -36,7 +37,7 @@ def retrieval_metrics(
     """Recall@K, MAP@R, R-Precision (:func:`~dml.evaluation.retrieval.retrieval_scores`) and NMI.
 
     Args:
-        embeddings, labels, ks, reference, reference_labels, backend: see ``retrieval_scores``.
+        embeddings, labels, ks, reference, reference_labels, backend, metric: see ``retrieval_scores``.
         nmi: cluster the query embeddings with k-means (k = number of classes) and report NMI.
         nmi_multiples: also report NMI+ (EPS paper) with k = m x the number of classes, as ``nmi+{m}x``.
         seed: k-means seed, so that evaluation is repeatable.
@@ -45,7 +46,7 @@ def retrieval_metrics(
         {"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ..., "nmi+10x": ...} as floats in
         [0, 1], named as :func:`metric_names` lists them.
     """
-    out = retrieval_scores(embeddings, labels, ks, reference, reference_labels, backend)
+    out = retrieval_scores(embeddings, labels, ks, reference, reference_labels, backend, metric)
     num_classes = int(torch.unique(labels).numel())
     if nmi:
         out["nmi"] = nmi_score(embeddings, labels, seed=seed)

@@ -124,14 +124,19 @@ def split_retrievals(
     queries: torch.Tensor,
     path: str | Path,
     top_k: int = 5,
+    metric: str = "cosine",
 ) -> Path:
     """:func:`retrieval_grid` for ``queries`` (positions in a split) and their ``top_k`` nearest items.
 
     ``raw_image(position)`` is an item's image as read (without the model's transform). With
     query/gallery ``roles`` (0 query, 1 gallery), queries search the gallery; otherwise the other items.
+    ``metric``: ``cosine`` (unit-norm embeddings) or ``euclidean`` (embeddings left as they are).
     """
     gallery = torch.arange(len(labels)) if roles is None else torch.nonzero(roles == 1).flatten()
-    sims = embeddings[queries].float() @ embeddings[gallery].float().T
+    if metric == "euclidean":
+        sims = -torch.cdist(embeddings[queries].float(), embeddings[gallery].float())
+    else:
+        sims = embeddings[queries].float() @ embeddings[gallery].float().T
     if roles is None:
         sims[torch.arange(len(queries)), queries] = float("-inf")  # not the query itself
     k = min(top_k, sims.shape[1] - int(roles is None))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dml.evaluation.backends import Backend, faiss_available
+from dml.evaluation.backends import METRICS, Backend, Metric, faiss_available
 
 # Bytes of similarity scores one chunk of queries may hold; bounds memory on SOP-sized sets.
 _CHUNK_BYTES = 256 * 2**20
@@ -112,6 +112,14 @@ def map_at_r(neighbour_labels: torch.Tensor, labels: torch.Tensor, r: torch.Tens
         "map@r": ((precision_at_i * rel).sum(dim=1) / rf).mean().item(),
         "r_precision": (rel.sum(dim=1) / rf).mean().item(),
     }
+
+
+def euclidean_as_inner_product(query: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose inner products rank references as the Euclidean distance does: [q, 1] . [r, -|r|^2/2]
+    = q.r - |r|^2/2 = (|q|^2 - |q - r|^2) / 2, larger for nearer r."""
+    query, ref = query.float(), ref.float()
+    ones = torch.ones(query.shape[0], 1, device=query.device)
+    return torch.cat([query, ones], 1), torch.cat([ref, -(ref * ref).sum(1, keepdim=True) / 2], 1)
 
 
 def _positive_counts(labels: torch.Tensor, ref_labels: torch.Tensor, same: bool) -> torch.Tensor:
@@ -247,6 +255,7 @@ def retrieval_scores(
     reference: torch.Tensor | None = None,
     reference_labels: torch.Tensor | None = None,
     backend: Backend = "auto",
+    metric: Metric = "cosine",
 ) -> dict[str, float]:
     """Recall@K, MAP@R and R-Precision of a retrieval split, on exact neighbours.
 
@@ -259,6 +268,8 @@ def retrieval_scores(
         backend: ``torch`` (one blocked pass over the similarities, on the embeddings' device; the
             default, ``auto``) or ``faiss`` (an exact flat index searched for the top max(K, R), on a GPU
             when faiss has one). Both give the same metrics.
+        metric: ``cosine`` ranks by inner product (the embeddings are unit vectors); ``euclidean`` by
+            Euclidean distance, for embeddings left un-normalised (torch backend).
 
     Returns:
         {"recall@K": ..., "map@r": ..., "r_precision": ...} as floats in [0, 1].
@@ -278,7 +289,14 @@ def retrieval_scores(
     width = min(int(r.max()), n_ref)
     if backend == "auto":
         backend = "torch"  # the one-pass scan beats a top-1000 faiss search in time and memory
-    if backend == "torch" and same:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric == "euclidean":
+        if backend != "torch":
+            raise ValueError("the euclidean metric is scored with the torch backend")
+        query, ref = euclidean_as_inner_product(embeddings, embeddings if same else reference)
+        ranks, nearest = _scan_torch(query, ref, labels, ref_labels, same, width)
+    elif backend == "torch" and same:
         ranks, nearest = _scan_symmetric(embeddings, labels, width)
     elif backend == "torch":
         ranks, nearest = _scan_torch(embeddings, reference, labels, ref_labels, same, width)

@@ -72,15 +72,18 @@ class RandomTripletMiner(Miner):
 
 
 class SemiHardNegativeMiner(Miner):
-    """Every triplet whose negative is semi-hard (FaceNet): D(a,p) < D(a,n) <= D(a,p) + margin."""
+    """Every triplet whose negative is semi-hard (FaceNet): D(a,p) < D(a,n) <= D(a,p) + margin.
 
-    def __init__(self, margin: float = 0.2):
+    ``normalize_embeddings=False``: D between the embeddings as they are (un-normalised, in R^d).
+    """
+
+    def __init__(self, margin: float = 0.2, normalize_embeddings: bool = True):
         super().__init__()
-        self.margin = margin
+        self.margin, self.normalize_embeddings = margin, normalize_embeddings
 
     @torch.no_grad()
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
-        dist = pairwise_distance(embeddings)
+        dist = pairwise_distance(embeddings, normalize=self.normalize_embeddings)
         kept = []
         for a, p, n in iter_triplets(None, labels):
             gap = dist[a, n] - dist[a, p]
@@ -132,6 +135,8 @@ class DistanceWeightedMiner(Miner):
     Anchors whose negatives all lie beyond ``nonzero_loss_cutoff`` draw uniformly among them.
     """
 
+    normalize_embeddings = True  # works on unit vectors (cosine similarities) only
+
     def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4, seed: int = 0):
         super().__init__(seed)
         self.cutoff, self.nonzero_loss_cutoff = cutoff, nonzero_loss_cutoff
@@ -169,7 +174,8 @@ class EasyPositiveMiner(Miner):
 
     With ``per_anchor=True`` and ``semihard``, each anchor gives one triplet: one of its semi-hard
     negatives at random, or a random negative when it has none (the semi-hard sampling of the framework
-    the EPS paper builds on); D is the Euclidean distance either way.
+    the EPS paper builds on); D is the Euclidean distance either way, between L2-normalised embeddings
+    or, with ``normalize_embeddings=False``, between the embeddings as they are.
     """
 
     def __init__(
@@ -180,8 +186,15 @@ class EasyPositiveMiner(Miner):
         nonzero_loss_cutoff: float = 1.4,
         per_anchor: bool = False,
         seed: int = 0,
+        normalize_embeddings: bool = True,
     ):
         super().__init__(seed)
+        if not normalize_embeddings and negatives == "distance_weighted":
+            raise ValueError(
+                "EasyPositiveMiner: distance-weighted negatives assume unit-norm embeddings "
+                "(the weights are the distance density on the sphere); keep normalize_embeddings=true"
+            )
+        self.normalize_embeddings = normalize_embeddings
         if negatives not in ("all", "hard", "semihard", "random", "distance_weighted"):
             raise ValueError(
                 f"EasyPositiveMiner negatives must be all|hard|semihard|random|distance_weighted, got {negatives!r}"
@@ -189,7 +202,7 @@ class EasyPositiveMiner(Miner):
         if per_anchor and negatives == "all":
             raise ValueError("EasyPositiveMiner(per_anchor=True) needs one negative per anchor, not 'all'")
         self.negatives, self.margin, self.per_anchor = negatives, margin, per_anchor
-        self._weighted = DistanceWeightedMiner(cutoff, nonzero_loss_cutoff)
+        self.cutoff, self.nonzero_loss_cutoff = cutoff, nonzero_loss_cutoff
 
     def easy_positives(self, dist: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(anchors, positives): each anchor that has a positive, with its nearest one."""
@@ -200,7 +213,7 @@ class EasyPositiveMiner(Miner):
 
     @torch.no_grad()
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
-        dist = pairwise_distance(embeddings)
+        dist = pairwise_distance(embeddings, normalize=self.normalize_embeddings)
         _, negative = label_masks(labels)
         a, p = self.easy_positives(dist, labels)
         keep = negative[a].any(1)
@@ -226,7 +239,10 @@ class EasyPositiveMiner(Miner):
         elif self.negatives == "random":
             n = self.sample(neg_rows.float())
         else:
-            n = self.sample(self._weighted.negative_weights(embeddings, labels)[a])
+            weights = distance_probabilities(
+                dist, negative, embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff
+            )
+            n = self.sample(weights[a])
         return a, p, n
 
 
@@ -239,6 +255,8 @@ class MultiSimilarityMiner(Miner):
     similar positive. ``negative_reference='easy_positive'`` mines negatives against the anchor's
     most similar positive instead (S_an + epsilon > max_p S_ap): relative to the positive EPS keeps.
     """
+
+    normalize_embeddings = True  # works on unit vectors (cosine similarities) only
 
     def __init__(
         self,

@@ -30,18 +30,20 @@ class ContrastiveLoss(nn.Module):
     """Contrastive loss (Hadsell et al. 2006) in pytorch-metric-learning's form.
 
     L = mean_nonzero[(D(a,p) - pos_margin)_+] + mean_nonzero[(neg_margin - D(a,n))_+] over the pairs,
-    D the Euclidean distance of L2-normalised embeddings.
+    D the Euclidean distance of L2-normalised embeddings (``normalize_embeddings=False``: of the
+    embeddings as they are).
     """
 
-    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0):
+    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, normalize_embeddings: bool = True):
         super().__init__()
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
+        self.normalize_embeddings = normalize_embeddings
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: Pairs | Triplets | None = None
     ) -> torch.Tensor:
         a1, p, a2, n = to_pairs(indices, labels)
-        dist = pairwise_distance(embeddings)
+        dist = pairwise_distance(embeddings, normalize=self.normalize_embeddings)
         pos = F.relu(dist[a1, p] - self.pos_margin)
         neg = F.relu(self.neg_margin - dist[a2, n])
         return mean_of_nonzero(pos) + mean_of_nonzero(neg) + 0 * dist.sum()
@@ -59,20 +61,30 @@ class TripletLoss(nn.Module):
             framework it builds on).
         reduction: ``mean_nonzero`` divides by the number of non-zero triplets, ``mean`` by the number
             of triplets (the EPS framework's).
+        normalize_embeddings: D between L2-normalised embeddings; False, between the embeddings as
+            they are (un-normalised embeddings in R^d).
     """
 
     reductions = ("mean_nonzero", "mean")
 
-    def __init__(self, margin: float = 0.2, squared: bool = False, reduction: str = "mean_nonzero"):
+    def __init__(
+        self,
+        margin: float = 0.2,
+        squared: bool = False,
+        reduction: str = "mean_nonzero",
+        normalize_embeddings: bool = True,
+    ):
         super().__init__()
         if reduction not in self.reductions:
             raise ValueError(f"TripletLoss reduction must be one of {self.reductions}, got {reduction!r}")
         self.margin, self.squared, self.reduction = margin, squared, reduction
+        self.normalize_embeddings = normalize_embeddings
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: Pairs | Triplets | None = None
     ) -> torch.Tensor:
-        dist = squared_distance(embeddings) if self.squared else pairwise_distance(embeddings)
+        distance = squared_distance if self.squared else pairwise_distance
+        dist = distance(embeddings, normalize=self.normalize_embeddings)
         total, count = 0 * dist.sum(), 0
         for a, p, n in iter_triplets(indices, labels):
             values = F.relu(dist[a, p] - dist[a, n] + self.margin)
@@ -98,6 +110,8 @@ class MarginLoss(nn.Module):
         beta_weight_decay: weight decay of beta; ``None`` uses the loss group's (the framework the EPS
             paper builds on gives beta none).
         num_classes: needed with ``per_class``; supplied by :class:`CompositeLoss`.
+        normalize_embeddings: D between L2-normalised embeddings; False, between the embeddings as
+            they are.
     """
 
     def __init__(
@@ -110,8 +124,10 @@ class MarginLoss(nn.Module):
         beta_lr: float | None = 5e-4,
         beta_weight_decay: float | None = None,
         num_classes: int | None = None,
+        normalize_embeddings: bool = True,
     ):
         super().__init__()
+        self.normalize_embeddings = normalize_embeddings
         if per_class and num_classes is None:
             raise ValueError("MarginLoss(per_class=True) needs num_classes")
         init = torch.full((num_classes if per_class else 1,), float(beta))
@@ -122,7 +138,7 @@ class MarginLoss(nn.Module):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: Pairs | Triplets | None = None
     ) -> torch.Tensor:
-        dist = pairwise_distance(embeddings)
+        dist = pairwise_distance(embeddings, normalize=self.normalize_embeddings)
         total, divisor, beta_sum = 0 * dist.sum() + 0 * self.beta.sum(), 0, 0
         for a, p, n in iter_triplets(indices, labels):
             beta = (self.beta[labels[a]] if self.per_class else self.beta.expand(len(a))).to(dist.dtype)
@@ -145,6 +161,8 @@ class MultiSimilarityLoss(nn.Module):
     over the anchor's positive and negative pairs (all of them, or those a miner kept), S the cosine
     similarity. Pair with :class:`~dml.losses.miners.MultiSimilarityMiner` for the paper's mining.
     """
+
+    normalize_embeddings = True  # works on unit vectors (cosine similarities) only
 
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5):
         super().__init__()

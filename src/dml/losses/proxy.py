@@ -66,6 +66,8 @@ class ProxyAnchorLoss(nn.Module):
     with s the cosine similarity, P+ the proxies with a positive in the batch and P all proxies.
     """
 
+    normalize_embeddings = True  # works on unit vectors (cosine similarities) only
+
     def __init__(
         self,
         num_classes: int | None = None,
@@ -98,6 +100,8 @@ class ProxyNCALoss(nn.Module):
     baseline (embeddings and proxies both scaled by 3). ``exclude_positive=True`` gives the original
     paper's form, whose denominator sums over the other classes only.
     """
+
+    normalize_embeddings = True  # works on unit vectors (cosine similarities) only
 
     def __init__(
         self,

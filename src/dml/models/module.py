@@ -83,6 +83,21 @@ class DMLModule(L.LightningModule):
             raise UserError(f"model.lr_mult has unknown groups {sorted(unknown)}; use {list(PARAM_GROUPS)}")
         if knn_backend not in KNN_BACKENDS:
             raise UserError(f"model.knn_backend={knn_backend!r} is not one of {', '.join(KNN_BACKENDS)}")
+        # Un-normalised embeddings (head.normalize=false) are scored, and must be trained, in R^d.
+        self.metric = "cosine" if getattr(head, "normalize", True) else "euclidean"
+        if self.metric == "euclidean":
+            normalizing = [n for n, m in loss.named_modules() if getattr(m, "normalize_embeddings", False)]
+            if normalizing:
+                raise UserError(
+                    "head.normalize=false leaves the embeddings un-normalised, but these loss parts "
+                    f"normalise them: {', '.join(f'loss.{n}' for n in normalizing)}. Set their "
+                    "normalize_embeddings: false where they take it (TripletLoss, MarginLoss, ContrastiveLoss, "
+                    "SemiHardNegativeMiner, EasyPositiveMiner); the others work on unit vectors only"
+                )
+            if knn_backend == "faiss":
+                raise UserError(
+                    "head.normalize=false is scored by Euclidean distance: use model.knn_backend=torch"
+                )
         if knn_backend == "faiss" and not faiss_available():
             raise UserError(
                 "model.knn_backend=faiss but faiss is not installed: pip install faiss-cpu (or faiss-gpu), "
@@ -222,7 +237,12 @@ class DMLModule(L.LightningModule):
         return metrics
 
     def _metric_options(self) -> dict[str, Any]:
-        return {"backend": self.knn_backend, "nmi": self.nmi, "nmi_multiples": self.nmi_multiples}
+        return {
+            "backend": self.knn_backend,
+            "metric": self.metric,
+            "nmi": self.nmi,
+            "nmi_multiples": self.nmi_multiples,
+        }
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._collect(batch)
