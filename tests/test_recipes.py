@@ -44,6 +44,7 @@ class Published:
     miners: dict[str, str] = field(default_factory=dict)
     clip: tuple[float, str] | None = None
     proxy_init_std: float | None = None
+    metric: str = "cosine"  # euclidean: un-normalised embeddings, scored by Euclidean distance
 
 
 # AntiCo official code (antico_runs.sh, parameters.py, criteria/antico.py): Adam 1e-5 with wd 4e-4 on the
@@ -158,7 +159,12 @@ MNIST_PARITY = dict(
     embedding=2,
     backbone=("SmallCNN", "avg", False),
 )
-PARITY_TRIPLET = {"triplet.margin": 0.2, "triplet.squared": True, "triplet.reduction": "mean"}
+PARITY_TRIPLET = {
+    "triplet.margin": 0.2,
+    "triplet.squared": True,
+    "triplet.reduction": "mean",
+    "triplet.normalize_embeddings": False,  # the plane R^2
+}
 
 PUBLISHED: dict[str, Published] = {
     "antico_cub_r50": Published(lr_factor={0: 1.0, 50: 1.0, 99: 1.0}, epochs=100, **ANTICO),
@@ -176,14 +182,21 @@ PUBLISHED: dict[str, Published] = {
     "eps_mnist_parity": Published(
         **MNIST_PARITY,
         terms={"triplet": 1.0},
-        settings=PARITY_TRIPLET | {"triplet.miner.per_anchor": True, "triplet.miner.negatives": "semihard"},
+        settings=PARITY_TRIPLET
+        | {
+            "triplet.miner.per_anchor": True,
+            "triplet.miner.negatives": "semihard",
+            "triplet.miner.normalize_embeddings": False,
+        },
         miners={"triplet": "EasyPositiveMiner"},
+        metric="euclidean",
     ),
     "mnist_parity_triplet": Published(
         **MNIST_PARITY,
         terms={"triplet": 1.0},
         settings=PARITY_TRIPLET | {"triplet.miner.per_anchor": 1},
         miners={"triplet": "RandomTripletMiner"},
+        metric="euclidean",
     ),
 }
 UNPUBLISHED = {"mnist_proxy_anchor", "synthetic_smoke"}  # the package's own runs; headers say so
@@ -258,6 +271,7 @@ def test_recipe_gives_the_published_settings(compose_cfg, name):
         assert (datamodule.batch_size // datamodule.samples_per_class, datamodule.samples_per_class) == (p, k)
 
     assert module.head.out_dim == card.embedding
+    assert module.metric == card.metric and module.head.normalize == (card.metric == "cosine")
     name_, pooling, frozen = card.backbone
     backbone = module.backbone
     assert cfg.backbone.get("name", type(backbone).__name__) == name_
