@@ -157,3 +157,17 @@ BUILDERS = {
     "inshop": make_inshop,
     "omniglot": make_omniglot,
 }
+
+
+def tiny_cub(data_dir: Path) -> list[str]:
+    """Overrides that train on the CUB fixture under ``data_dir``: 3 training classes, 32 px crops."""
+    return [
+        "dataset=cub",
+        f"paths.data_dir={data_dir}",
+        "dataset.num_train_classes=3",
+        "dataset.image_size=32",
+        "dataset.resize_size=36",
+        "dataset.batch_size=4",
+        "dataset.samples_per_class=2",
+        "dataset.download=false",
+    ]

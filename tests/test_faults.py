@@ -19,7 +19,7 @@ from dml.data.preparation import INDEX_NAME, index_cache_path
 from dml.errors import UserError
 from dml.evaluation.pictures import embedding_map
 from dml.tasks import train
-from tests.benchmark_fixtures import make_cub, make_sop, write_tgz, write_zip
+from tests.benchmark_fixtures import make_cub, make_sop, tiny_cub, write_tgz, write_zip
 from tests.conftest import FAST_RUN, read_only
 
 SMALL = dict(
@@ -245,18 +245,7 @@ def keep_one_test_image(files):
 def test_a_one_image_test_split_keeps_its_metrics_and_pictures(tmp_path):
     write_tgz(tmp_path / "data" / "cub" / "CUB_200_2011.tgz", cub_archive_with(tmp_path, keep_one_test_image))
     run = tmp_path / "run"
-    metrics = fit(
-        run,
-        "dataset=cub",
-        f"paths.data_dir={tmp_path / 'data'}",
-        "dataset.num_train_classes=3",
-        "dataset.image_size=32",
-        "dataset.resize_size=36",
-        "dataset.batch_size=4",
-        "dataset.samples_per_class=2",
-        "dataset.download=false",
-        "trainer.max_epochs=1",
-    )
+    metrics = fit(run, *tiny_cub(tmp_path / "data"), "trainer.max_epochs=1")
     assert "test/recall@1" in metrics and (run / "test_metrics.json").is_file()
     assert (run / "pictures" / "test_embedding_map.png").is_file()
     path = embedding_map(F.normalize(torch.randn(1, 16), dim=1), torch.tensor([3]), tmp_path / "m.png")

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from tests.benchmark_fixtures import make_cub
+from tests.benchmark_fixtures import make_cub, tiny_cub
 from tests.conftest import FAST_RUN, read_only, run_entry
 
 pytestmark = pytest.mark.slow  # each test runs the entry points several times
@@ -136,15 +136,8 @@ def cub_run(tmp_path_factory):
     proc = run_entry(
         "train.py",
         [
-            "dataset=cub",
-            f"paths.data_dir={base / 'data'}",
+            *tiny_cub(base / "data"),
             "backbone=timm_test",
-            "dataset.num_train_classes=3",
-            "dataset.image_size=32",
-            "dataset.resize_size=36",
-            "dataset.batch_size=4",
-            "dataset.samples_per_class=2",
-            "dataset.download=false",
             "trainer.max_epochs=2",
             *FAST_RUN[1:],
             f"hydra.run.dir={run}",
