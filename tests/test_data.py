@@ -43,6 +43,17 @@ def test_parity_mode_labels_training_digits_even_odd_and_tests_by_digit():
     assert sorted(torch.unique(dm.splits["test"].labels).tolist()) == [6, 7, 8, 9]
 
 
+def test_held_out_images_of_the_training_digits_are_scored_by_digit():
+    dm = bundled(label_mode="parity", num_train_classes=2, heldout_per_class=50)
+    train, held = dm.splits["train"], dm.splits["heldout"]
+    assert (len(train), len(held)) == (2700, 300)
+    assert not set(train.indices.tolist()) & set(held.indices.tolist()), "never trained on"
+    assert sorted(torch.unique(held.labels).tolist()) == [0, 1, 2, 3, 4, 5], "digits, not parity"
+    assert torch.equal(torch.bincount(held.labels), torch.full((6,), 50))
+    with pytest.raises(UserError, match="heldout_per_class=600 leaves no training image"):
+        bundled(heldout_per_class=600)
+
+
 def test_three_channels_and_train_loader_batches():
     dm = bundled(channels=3, batch_size=30, samples_per_class=5)
     images, labels, _ = next(iter(dm.train_dataloader()))

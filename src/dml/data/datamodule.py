@@ -100,6 +100,8 @@ class RetrievalDataModule(L.LightningDataModule):
         num_train_classes: the number of training classes the config promises (proxies are sized by it);
             checked against the data.
         val_classes: training classes held out for validation.
+        heldout_per_class: images of each training class kept out of training, as a ``heldout`` split
+            scored by their original class ids (the EPS paper's "train digits" columns); 0 for none.
         eval_batch_size: batch size of the evaluation loaders.
         num_workers, pin_memory, persistent_workers: DataLoader settings.
         seed: seed of the batch sampler.
@@ -115,6 +117,7 @@ class RetrievalDataModule(L.LightningDataModule):
         sampler: str = "class_balanced",
         num_train_classes: int | None = None,
         val_classes: int = 0,
+        heldout_per_class: int = 0,
         eval_batch_size: int = 256,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -131,6 +134,9 @@ class RetrievalDataModule(L.LightningDataModule):
             )
         self.batch_size, self.samples_per_class, self.sampler = batch_size, samples_per_class, sampler
         self.num_train_classes, self.val_classes = num_train_classes, val_classes
+        if heldout_per_class < 0:
+            raise UserError(f"dataset.heldout_per_class={heldout_per_class} must be 0 or more")
+        self.heldout_per_class = heldout_per_class
         self.eval_batch_size, self.num_workers, self.seed = eval_batch_size, num_workers, seed
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -174,6 +180,11 @@ class RetrievalDataModule(L.LightningDataModule):
         val_set = classes[len(classes) - self.val_classes :] if self.val_classes else classes[:0]
         in_val = torch.isin(train.class_ids, val_set)
         train_idx, val_idx = torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
+        train_idx, heldout_idx = self._hold_out(train_idx, train.class_ids)
+        if len(heldout_idx):
+            self.splits["heldout"] = RetrievalSplit(
+                train.source, heldout_idx, train.class_ids[heldout_idx], self.transform("eval")
+            )
         _, train_labels = torch.unique(self.train_label_of(train.class_ids[train_idx]), return_inverse=True)
         self.splits["train"] = RetrievalSplit(train.source, train_idx, train_labels, self.transform("train"))
         if len(val_idx):
@@ -204,6 +215,26 @@ class RetrievalDataModule(L.LightningDataModule):
             log.info(
                 "no validation classes held out (dataset.val_classes=0): validation runs on the test split"
             )
+
+    def _hold_out(
+        self, train_idx: torch.Tensor, class_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training positions, held-out positions): the last ``heldout_per_class`` images of each class."""
+        k = self.heldout_per_class
+        if not k:
+            return train_idx, train_idx[:0]
+        ids = class_ids[train_idx]
+        keep, held = [], []
+        for c in torch.unique(ids):
+            members = train_idx[ids == c]
+            if len(members) <= k:
+                raise UserError(
+                    f"dataset.heldout_per_class={k} leaves no training image of class {int(c)} "
+                    f"({len(members)} images); lower it"
+                )
+            keep.append(members[:-k])
+            held.append(members[-k:])
+        return torch.cat(keep).sort().values, torch.cat(held).sort().values
 
     def evaluation_protocol(self, stage: str) -> EvaluationProtocol:
         """How the split evaluated at ``stage`` (``val`` or ``test``) is scored."""
