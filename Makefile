@@ -15,7 +15,7 @@ EXTRAS ?= $(shell nvidia-smi >/dev/null 2>&1 && echo dev,gpu || echo dev,cpu)
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data train evaluate test test-all lint format clean
+.PHONY: help install data train evaluate study test test-all lint format clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ train: $(VENV)/.installed ## Train: make train [DATA=cub] [ARGS="experiment=anti
 evaluate: $(VENV)/.installed ## Evaluate a checkpoint: make evaluate CKPT=logs/train/runs/<run>/checkpoints/last.ckpt
 	@test -n "$(CKPT)" || { echo "error: give CKPT=<path to a .ckpt written by make train>"; exit 2; }
 	$(PYTHON) evaluate.py ckpt_path=$(CKPT) $(ARGS)
+
+study: $(VENV)/.installed ## Run the study behind docs/results.md (about an hour on 2 cores): make study [ARGS=study=quick]
+	$(PYTHON) -m dml.study $(ARGS)
 
 test: $(VENV)/.installed ## Run the everyday test tier (< 5 min on 2 cores; slow, notebook and gpu tests left out)
 	WANDB_MODE=offline $(PYTHON) -m pytest -q

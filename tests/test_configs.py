@@ -10,7 +10,12 @@ from dml.models import DMLModule
 from dml.tasks import build_module
 from tests.conftest import CONF
 
-GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in sorted(CONF.iterdir()) if g.is_dir()}
+NOT_GROUPS = {"study"}  # conf/study: the specs of make study (dml.study), not part of a run's config
+GROUPS = {
+    g.name: sorted(p.stem for p in g.glob("*.yaml"))
+    for g in sorted(CONF.iterdir())
+    if g.is_dir() and g.name not in NOT_GROUPS
+}
 CASES = [(group, option) for group, options in GROUPS.items() for option in options]
 
 
