@@ -239,6 +239,20 @@ def _get(tree: Any, key: str) -> Any:
     return tree
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # a name of its own per process
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this
+            tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"could not write {path} ({e.strerror or e}); free disk space or choose another folder"
+        ) from e
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a hidden file beside its target, flushes it to disk and renames it over
     the target: a full disk or a kill leaves the previous checkpoint as it was."""

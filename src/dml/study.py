@@ -19,6 +19,7 @@ from dml.config import compose, conf_dir
 from dml.errors import UserError
 from dml.evaluation import collapse_metrics, knn, retrieval_metrics, singular_values
 from dml.evaluation.pictures import embedding_map, split_retrievals
+from dml.runs import write_atomic
 from dml.tasks import build_data_and_module, load_checkpoint, train
 
 
@@ -182,9 +183,7 @@ def run_study(spec: DictConfig, out: Path, runs_dir: Path) -> Path:
         "checkpoint is scored. Values: mean +/- 95% confidence half-width over the seeds.\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(header + "\n" + "\n".join(sections))
-    tmp.replace(out)
+    write_atomic(out, header + "\n" + "\n".join(sections))
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ from dml.runs import (
     release_replaced,
     resolve_ckpt_path,
     stop_message,
+    write_atomic,
 )
 
 log = get_logger(__name__)
@@ -97,22 +97,8 @@ def _metrics_table(title: str, metrics: dict[str, float]) -> str:
     return f"{title}\n{console.export_text()}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` and rename it into place: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # a name of its own per process
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as e:
-        with contextlib.suppress(OSError):  # a read-only folder refuses even this
-            tmp.unlink(missing_ok=True)
-        raise UserError(
-            f"could not write {path} ({e.strerror or e}); free disk space or choose another folder"
-        ) from e
-
-
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    _write_atomic(path, json.dumps(data, indent=2) + "\n")
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 class MonitoredMetricsCheck(L.Callback):
@@ -154,7 +140,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_resume(ckpt, payload["dml_config"], cfg)
         del payload
     if is_launching_process():  # one writer: under DDP every process runs this function
-        _write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     monitored = {"monitor.metric": cfg.get("monitor", {}).get("metric")}
     if _is_multirun() and cfg.get("optimized_metric"):
         monitored["optimized_metric"] = cfg.optimized_metric
@@ -352,7 +338,7 @@ def _record_failed_job(cfg: DictConfig, error: Exception, user_error: UserError 
     log.error("job %s failed; the sweep goes on:\n%s", output_dir.name, reason)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(output_dir / "FAILED", f"overrides: {overrides}\n{reason}\n")
+        write_atomic(output_dir / "FAILED", f"overrides: {overrides}\n{reason}\n")
     except UserError as e:
         log.error("%s", e)
 
