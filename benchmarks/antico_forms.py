@@ -13,8 +13,7 @@ import argparse
 
 import torch
 
-from dml.functional import coding_rate
-from dml.losses import AntiCoLoss, ProxyBank
+from dml.study import antico_form_gradients
 
 
 def main() -> None:
@@ -26,17 +25,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"d={args.dim}, eps 0.5, official scale C/(d eps), float32, torch {torch.__version__}")
     print(f"{'C':>7}{'R':>12}{'exp(-R)':>12}{'|grad exp(-R)|':>16}{'|grad -R|':>12}")
-    for classes in args.classes:
-        torch.manual_seed(0)
-        bank = ProxyBank(classes, args.dim)
-        row = []
-        for form in ("exp", "neg"):
-            bank.weight.grad = None
-            value = AntiCoLoss("all_proxy", proxies=bank, form=form)(torch.empty(0, args.dim), torch.empty(0))
-            value.backward()
-            row.append((value.item(), bank.weight.grad.norm().item()))
-        rate = coding_rate(bank.normalized().detach(), eps=0.5, scale="official").item()
-        print(f"{classes:>7}{rate:>12.2f}{row[0][0]:>12.3g}{row[0][1]:>16.3g}{row[1][1]:>12.3g}")
+    for row in antico_form_gradients(args.dim, args.classes):
+        print(
+            f"{row['classes']:>7}{row['rate']:>12.2f}{row['exp_value']:>12.3g}{row['exp_grad']:>16.3g}"
+            f"{row['neg_grad']:>12.3g}"
+        )
 
 
 if __name__ == "__main__":

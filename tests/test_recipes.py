@@ -165,6 +165,13 @@ PARITY_TRIPLET = {
     "triplet.reduction": "mean",
     "triplet.normalize_embeddings": False,  # the plane R^2
 }
+MNIST_PARITY_MARGIN = MNIST_PARITY | {"groups": MNIST_PARITY["groups"] | {"loss/margin": (5e-4, 0.0)}}
+PARITY_MARGIN = {  # EPS §5.2.3's margin loss, in the plane R^2
+    "margin.alpha": 0.2,
+    "margin.per_class": True,
+    "margin.nu": 0.0,
+    "margin.normalize_embeddings": False,
+}
 
 PUBLISHED: dict[str, Published] = {
     "antico_cub_r50": Published(lr_factor={0: 1.0, 50: 1.0, 99: 1.0}, epochs=100, **ANTICO),
@@ -196,6 +203,26 @@ PUBLISHED: dict[str, Published] = {
         terms={"triplet": 1.0},
         settings=PARITY_TRIPLET | {"triplet.miner.per_anchor": 1},
         miners={"triplet": "RandomTripletMiner"},
+        metric="euclidean",
+    ),
+    "eps_mnist_parity_margin": Published(
+        **MNIST_PARITY_MARGIN,
+        terms={"margin": 1.0},
+        settings=PARITY_MARGIN
+        | {
+            "margin.miner.per_anchor": True,
+            "margin.miner.negatives": "semihard",  # distance-weighted is sphere-only (listed departure)
+            "margin.miner.margin": 0.2,
+            "margin.miner.normalize_embeddings": False,
+        },
+        miners={"margin": "EasyPositiveMiner"},
+        metric="euclidean",
+    ),
+    "mnist_parity_margin": Published(
+        **MNIST_PARITY_MARGIN,
+        terms={"margin": 1.0},
+        settings=PARITY_MARGIN | {"margin.miner.per_anchor": 1},
+        miners={"margin": "RandomTripletMiner"},
         metric="euclidean",
     ),
 }
