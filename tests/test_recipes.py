@@ -165,13 +165,30 @@ PARITY_TRIPLET = {
     "triplet.reduction": "mean",
     "triplet.normalize_embeddings": False,  # the plane R^2
 }
-MNIST_PARITY_MARGIN = MNIST_PARITY | {"groups": MNIST_PARITY["groups"] | {"loss/margin": (5e-4, 0.0)}}
 PARITY_MARGIN = {  # EPS §5.2.3's margin loss, in the plane R^2
     "margin.alpha": 0.2,
     "margin.per_class": True,
     "margin.nu": 0.0,
     "margin.normalize_embeddings": False,
 }
+
+
+def parity(term: str, settings: dict[str, Any], eps: bool) -> Published:
+    """An MNIST even/odd card: EPS positives with one semi-hard negative each, or one random triplet."""
+    miner = (
+        {"per_anchor": True, "negatives": "semihard", "margin": 0.2, "normalize_embeddings": False}
+        if eps
+        else {"per_anchor": 1}
+    )
+    groups = MNIST_PARITY["groups"] | ({"loss/margin": (5e-4, 0.0)} if term == "margin" else {})
+    return Published(
+        **MNIST_PARITY | {"groups": groups},
+        terms={term: 1.0},
+        settings=settings | {f"{term}.miner.{k}": v for k, v in miner.items()},
+        miners={term: "EasyPositiveMiner" if eps else "RandomTripletMiner"},
+        metric="euclidean",
+    )
+
 
 PUBLISHED: dict[str, Published] = {
     "antico_cub_r50": Published(lr_factor={0: 1.0, 50: 1.0, 99: 1.0}, epochs=100, **ANTICO),
@@ -186,45 +203,10 @@ PUBLISHED: dict[str, Published] = {
     "eps_cars_margin": Published(**EPS, **EPS_MARGIN),
     "eps_cub_ms": Published(**EPS, **EPS_MS),
     "eps_cars_ms": Published(**EPS, **EPS_MS),
-    "eps_mnist_parity": Published(
-        **MNIST_PARITY,
-        terms={"triplet": 1.0},
-        settings=PARITY_TRIPLET
-        | {
-            "triplet.miner.per_anchor": True,
-            "triplet.miner.negatives": "semihard",
-            "triplet.miner.normalize_embeddings": False,
-        },
-        miners={"triplet": "EasyPositiveMiner"},
-        metric="euclidean",
-    ),
-    "mnist_parity_triplet": Published(
-        **MNIST_PARITY,
-        terms={"triplet": 1.0},
-        settings=PARITY_TRIPLET | {"triplet.miner.per_anchor": 1},
-        miners={"triplet": "RandomTripletMiner"},
-        metric="euclidean",
-    ),
-    "eps_mnist_parity_margin": Published(
-        **MNIST_PARITY_MARGIN,
-        terms={"margin": 1.0},
-        settings=PARITY_MARGIN
-        | {
-            "margin.miner.per_anchor": True,
-            "margin.miner.negatives": "semihard",  # distance-weighted is sphere-only (listed departure)
-            "margin.miner.margin": 0.2,
-            "margin.miner.normalize_embeddings": False,
-        },
-        miners={"margin": "EasyPositiveMiner"},
-        metric="euclidean",
-    ),
-    "mnist_parity_margin": Published(
-        **MNIST_PARITY_MARGIN,
-        terms={"margin": 1.0},
-        settings=PARITY_MARGIN | {"margin.miner.per_anchor": 1},
-        miners={"margin": "RandomTripletMiner"},
-        metric="euclidean",
-    ),
+    "eps_mnist_parity": parity("triplet", PARITY_TRIPLET, eps=True),
+    "mnist_parity_triplet": parity("triplet", PARITY_TRIPLET, eps=False),
+    "eps_mnist_parity_margin": parity("margin", PARITY_MARGIN, eps=True),
+    "mnist_parity_margin": parity("margin", PARITY_MARGIN, eps=False),
 }
 UNPUBLISHED = {"mnist_proxy_anchor", "synthetic_smoke"}  # the package's own runs; headers say so
 
