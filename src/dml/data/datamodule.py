@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dml.data.fast_path import PIPELINES, BatchTransform, EncodedBatch, collate_encoded
 from dml.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 from dml.errors import UserError
 from dml.evaluation.protocol import EvaluationProtocol
@@ -57,7 +58,9 @@ class RetrievalSplit(Dataset):
         transform: Callable | None,
         roles: torch.Tensor | None = None,
         extra_labels: dict[str, torch.Tensor] | None = None,
+        raw_source: ImageSource | None = None,
     ):
+        self.raw_source = raw_source if raw_source is not None else source
         self.source, self.indices, self.labels, self.transform = (
             source,
             indices.long(),
@@ -76,8 +79,9 @@ class RetrievalSplit(Dataset):
         return image, int(self.labels[i]), i
 
     def raw_image(self, position: int) -> Any:
-        """The item at ``position`` as read from its source, without the transform."""
-        return self.source.load(int(self.indices[position]))
+        """The item at ``position`` decoded, without the transform (its raw source: on the fast path
+        the items themselves are encoded bytes)."""
+        return self.raw_source.load(int(self.indices[position]))
 
     @property
     def num_classes(self) -> int:
@@ -104,11 +108,15 @@ class RetrievalDataModule(L.LightningDataModule):
             scored by their original class ids (the EPS paper's "train digits" columns); 0 for none.
         eval_batch_size: batch size of the evaluation loaders.
         num_workers, pin_memory, persistent_workers: DataLoader settings.
+        pipeline: ``classic`` (decode and augment in the loader workers), ``fast`` (the workers read
+            encoded bytes; decode and augment batched on the device, see :mod:`dml.data.fast_path`) or
+            ``auto`` (fast when training on a GPU and the dataset has a fast path).
         seed: seed of the batch sampler.
         recall_ks: the K of Recall@K in this benchmark's protocol.
     """
 
     name = "base"
+    has_fast_path = False  # subclasses that implement encoded() and batch_transform()
 
     def __init__(
         self,
@@ -122,12 +130,22 @@ class RetrievalDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        pipeline: str = "classic",
         seed: int = 0,
         recall_ks: Sequence[int] = (1, 2, 4, 8),
     ):
         super().__init__()
         if sampler not in SAMPLERS:
             raise UserError(f"dataset.sampler={sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if pipeline not in PIPELINES:
+            raise UserError(f"dataset.pipeline={pipeline!r} is not one of {', '.join(PIPELINES)}")
+        if pipeline == "fast" and not self.has_fast_path:
+            raise UserError(
+                f"dataset.pipeline=fast: {self.name} has no fast input path (its images are not encoded "
+                "files); use dataset.pipeline=classic"
+            )
+        self.pipeline = pipeline
+        self._batch_transform: BatchTransform | None = None
         if sampler == "class_balanced" and (samples_per_class < 1 or batch_size % samples_per_class):
             raise UserError(
                 f"dataset.batch_size={batch_size} must be a multiple of dataset.samples_per_class={samples_per_class}"
@@ -156,6 +174,22 @@ class RetrievalDataModule(L.LightningDataModule):
         """The image transform for ``train`` or evaluation (``eval``)."""
         return None
 
+    def encoded(self, source: ImageSource) -> ImageSource:
+        """The fast path's source: the images of ``source`` as encoded bytes (1-D uint8 tensors)."""
+        raise NotImplementedError
+
+    def batch_transform(self) -> BatchTransform:
+        """The fast path's decoder and batched augmentation."""
+        raise NotImplementedError
+
+    @property
+    def fast(self) -> bool:
+        """Whether batches take the fast path: ``pipeline=fast``, or ``auto`` training on a GPU."""
+        if self.pipeline != "auto":
+            return self.pipeline == "fast"
+        trainer = getattr(self, "trainer", None)
+        return self.has_fast_path and trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     # --- shared ---------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
@@ -165,6 +199,21 @@ class RetrievalDataModule(L.LightningDataModule):
     def _build_splits(self) -> None:
         raw = self.load_raw()
         train, test = raw["train"], raw["test"]
+        fast = self.fast
+        if fast:
+            self._batch_transform = self.batch_transform()
+            log.info(
+                "%s: fast input path (encoded bytes from the loader, decoded and augmented in batches)",
+                self.name,
+            )
+
+        def make(
+            source: ImageSource, positions: torch.Tensor, labels: torch.Tensor, stage: str, **kw
+        ) -> RetrievalSplit:
+            if fast:
+                return RetrievalSplit(self.encoded(source), positions, labels, None, raw_source=source, **kw)
+            return RetrievalSplit(source, positions, labels, self.transform(stage), **kw)
+
         for split_name, split in raw.items():
             if len(split.class_ids) == 0:
                 raise UserError(
@@ -182,20 +231,16 @@ class RetrievalDataModule(L.LightningDataModule):
         train_idx, val_idx = torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
         train_idx, heldout_idx = self._hold_out(train_idx, train.class_ids)
         if len(heldout_idx):
-            self.splits["heldout"] = RetrievalSplit(
-                train.source, heldout_idx, train.class_ids[heldout_idx], self.transform("eval")
-            )
+            self.splits["heldout"] = make(train.source, heldout_idx, train.class_ids[heldout_idx], "eval")
         _, train_labels = torch.unique(self.train_label_of(train.class_ids[train_idx]), return_inverse=True)
-        self.splits["train"] = RetrievalSplit(train.source, train_idx, train_labels, self.transform("train"))
+        self.splits["train"] = make(train.source, train_idx, train_labels, "train")
         if len(val_idx):
-            self.splits["val"] = RetrievalSplit(
-                train.source, val_idx, train.class_ids[val_idx], self.transform("eval")
-            )
-        self.splits["test"] = RetrievalSplit(
+            self.splits["val"] = make(train.source, val_idx, train.class_ids[val_idx], "eval")
+        self.splits["test"] = make(
             test.source,
             torch.arange(len(test.class_ids)),
             test.class_ids,
-            self.transform("eval"),
+            "eval",
             roles=test.roles,
             extra_labels=test.extra_labels,
         )
@@ -286,7 +331,7 @@ class RetrievalDataModule(L.LightningDataModule):
                 num_replicas=world,
                 rank=rank,
             )
-        return self._loader(self.splits["train"], batch_sampler=sampler)
+        return self._loader(self.splits["train"], batch_sampler=sampler, train=True)
 
     def _eval_loader(self, split: str) -> DataLoader:
         data = self.splits[split]
@@ -294,14 +339,24 @@ class RetrievalDataModule(L.LightningDataModule):
         sampler = DistributedSampler(data, world, rank, shuffle=False) if world > 1 else None
         return self._loader(data, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False)
 
-    def _loader(self, data: Dataset, **kwargs: Any) -> DataLoader:
+    def _loader(self, data: Dataset, train: bool = False, **kwargs: Any) -> DataLoader:
+        if self._batch_transform is not None:
+            kwargs["collate_fn"] = collate_encoded(train)
         return DataLoader(
             data,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory
+            and self._batch_transform is None,  # bytes stay where the decoder reads
             persistent_workers=self.persistent_workers,
             **kwargs,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Fast path: decode and augment the batch's encoded images on the device its labels went to."""
+        if isinstance(batch[0], EncodedBatch):
+            images, labels, positions = batch
+            return self._batch_transform(images, labels.device), labels, positions
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_split_name)

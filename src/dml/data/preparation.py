@@ -206,15 +206,65 @@ def check_images(root: Path, paths: list[str], skip_bad: bool, name: str) -> set
     return bad
 
 
-def index_cache_path(root: Path) -> Path:
-    """Where the index of a dataset in a read-only folder goes: ``$DML_CACHE`` (default
-    ``~/.cache/dml``) / index / <hash of the folder's path> / dml_index.json."""
+def cache_path(kind: str, root: Path) -> Path:
+    """``$DML_CACHE`` (default ``~/.cache/dml``) / kind / <hash of the dataset folder's path>: where what
+    dml writes beside a dataset goes when the dataset's folder is read-only."""
     cache = Path(
         os.environ.get("DML_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dml"
     )
-    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    return cache / "index" / key / INDEX_NAME
+    return cache / kind / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+
+
+def index_cache_path(root: Path) -> Path:
+    """Where the index of a dataset in a read-only folder goes: :func:`cache_path` / dml_index.json."""
+    return cache_path("index", root) / INDEX_NAME
+
+
+def resized_copy(root: Path, paths: list[str], short_side: int, quality: int = 90) -> Path:
+    """A one-time copy of the images ``paths`` (relative to ``root``) with their shorter side brought down
+    to ``short_side`` (smaller ones are copied as they are), RGB, JPEG quality ``quality``: the fast
+    path's smaller, faster-to-decode files. Kept in ``root/.dml_resized_<short_side>``, or under
+    :func:`cache_path` when ``root`` is read-only; files are written atomically, so a stopped copy goes
+    on where it stopped, and ``complete.json`` marks a finished one. Returns the copy's folder.
+    """
+    settings = {"images": len(paths), "short_side": short_side, "quality": quality}
+    for folder in (root / f".dml_resized_{short_side}", cache_path("resized", root) / str(short_side)):
+        marker = folder / "complete.json"
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            if json.loads(marker.read_text()) == settings:
+                return folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ".writable").touch()
+        except OSError:
+            continue
+        log.info(
+            "writing a copy of %d images resized to a shorter side of %d px in %s",
+            len(paths),
+            short_side,
+            folder,
+        )
+        for rel in paths:
+            out = folder / rel
+            if out.is_file():
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(root / rel) as image:
+                image = image.convert("RGB")
+                scale = short_side / min(image.size)
+                if scale < 1:
+                    size = tuple(max(1, round(side * scale)) for side in image.size)
+                    image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+                tmp = out.with_name(out.name + ".tmp")
+                image.save(tmp, "JPEG", quality=quality)
+            tmp.replace(out)
+        marker.write_text(json.dumps(settings))
+        return folder
+    raise UserError(
+        f"cannot write the resized copy of {root} there nor in {cache_path('resized', root)}; make one of them "
+        "writable, set DML_CACHE=<writable folder>, or set dataset.resized_cache=false"
+    )
 
 
 def write_index(root: Path, splits: dict[str, dict[str, list[Any]]], skipped: int) -> Path:

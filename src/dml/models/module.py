@@ -54,6 +54,10 @@ class DMLModule(L.LightningModule):
         nmi_multiples: also NMI+ with k-means at these multiples of the class count (EPS uses 10 and 30).
         collapse: compute the collapse measures (coding rate, per-class coding rate, effective rank,
             intra/inter distance ratio) at evaluation.
+        channels_last: backbone weights and input batches in channels_last memory format (faster
+            convolutions under mixed precision on GPUs); ``auto``: on when running on a CUDA device.
+        compile: ``torch.compile`` the backbone in place (state dict keys unchanged); ``auto``: on when
+            running on a CUDA device.
         run_config: the resolved run config, stored in checkpoints so ``evaluate.py`` can rebuild the model.
     """
 
@@ -72,9 +76,16 @@ class DMLModule(L.LightningModule):
         nmi: bool = True,
         nmi_multiples: Sequence[int] = (),
         collapse: bool = True,
+        channels_last: bool | str = "auto",
+        compile: bool | str = "auto",
         run_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        for name, value in (("channels_last", channels_last), ("compile", compile)):
+            if value not in (True, False, "auto"):
+                raise UserError(f"model.{name}={value!r} must be true, false or auto")
+        self.speed = {"channels_last": channels_last, "compile": compile}
+        self._channels_last = False
         self.backbone, self.head, self.loss = backbone, head, loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.lr_mult = {g: 1.0 for g in PARAM_GROUPS} | dict(lr_mult or {})
@@ -115,7 +126,22 @@ class DMLModule(L.LightningModule):
     # --- forward ----------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, d) unit-norm embeddings."""
+        if self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
+
+    def setup(self, stage: str) -> None:
+        """Resolve the speed switches (``auto``: on with a CUDA device) once the device is known."""
+        cuda = self.trainer.strategy.root_device.type == "cuda"
+        on = {name: cuda if value == "auto" else value for name, value in self.speed.items()}
+        if on["channels_last"] and not self._channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            self._channels_last = True
+        if on["compile"] and not getattr(self.backbone, "_compiled_by_dml", False):
+            self.backbone.compile()  # in place: parameters and state dict keys stay the backbone's
+            self.backbone._compiled_by_dml = True
+        if any(on.values()):
+            log.info("speed switches: %s", ", ".join(name for name, value in on.items() if value))
 
     @property
     def in_warmup(self) -> bool:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dml.data.datamodule import RawSplit, RetrievalDataModule
+from dml.data.datamodule import ImageSource, RawSplit, RetrievalDataModule
 from dml.data.datasets.tensor_source import Normalize, TensorSource
+from dml.data.fast_path import BatchTransform, EncodedTensors
 from dml.errors import UserError
 
 
@@ -56,6 +57,7 @@ class SyntheticDataModule(RetrievalDataModule):
     """
 
     name = "synthetic"
+    has_fast_path = True  # its images JPEG-encoded in memory (quality 95), to test the fast path on CPU
 
     def __init__(
         self,
@@ -95,3 +97,15 @@ class SyntheticDataModule(RetrievalDataModule):
 
     def transform(self, stage: str) -> Callable:
         return Normalize((0.5,) * self.gen["channels"], (0.25,) * self.gen["channels"])
+
+    def encoded(self, source: ImageSource) -> ImageSource:
+        if self.gen["channels"] != 3:
+            raise UserError(
+                f"dataset.pipeline=fast decodes RGB images: set dataset.channels=3, not {self.gen['channels']}"
+            )
+        return EncodedTensors(source.images)
+
+    def batch_transform(self) -> BatchTransform:
+        # the classic path's transform: no augmentation, the same normalisation
+        size = self.gen["image_size"]
+        return BatchTransform(size, size, (0.5,) * 3, (0.25,) * 3, hflip=False, augment=False)
