@@ -40,7 +40,7 @@ evaluate: $(VENV)/.installed ## Evaluate a checkpoint: make evaluate CKPT=logs/t
 	@test -n "$(CKPT)" || { echo "error: give CKPT=<path to a .ckpt written by make train>"; exit 2; }
 	$(PYTHON) evaluate.py ckpt_path=$(CKPT) $(ARGS)
 
-study: $(VENV)/.installed ## Run the study behind docs/results.md (about an hour on 2 cores): make study [ARGS=study=quick]
+study: $(VENV)/.installed ## Run the study behind docs/results.md (about 40 min on 2 cores): make study [ARGS=study=quick]
 	$(PYTHON) -m dml.study $(ARGS)
 
 test: $(VENV)/.installed ## Run the everyday test tier (< 5 min on 2 cores; slow, notebook and gpu tests left out)
