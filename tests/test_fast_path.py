@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -18,9 +19,10 @@ from torchvision import transforms as T
 from dml.data import CUBDataModule, MNISTDataModule, SyntheticDataModule
 from dml.data.fast_path import BatchTransform, EncodedBatch, crop_boxes, decode
 from dml.errors import UserError
+from dml.study import embed
 from dml.tasks import build_module, train
 from tests.benchmark_fixtures import make_cub
-from tests.conftest import FAST_RUN, compose_config
+from tests.conftest import FAST_RUN, compose_config, run_entry
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -172,6 +174,9 @@ def test_fast_path_trains_to_the_classic_path_s_recall(tmp_path):
         cfg = compose_config(overrides, tmp_path / pipeline)
         recall[pipeline] = train(cfg)["test/recall@1"]
     assert recall["classic"] > 0.5 and abs(recall["fast"] - recall["classic"]) < 0.1, recall
+    # a fast-path checkpoint embeds outside Lightning too (dml.study.embed decodes the bytes in batches)
+    embedded = embed(tmp_path / "fast" / "run" / "checkpoints" / "last.ckpt", "test")
+    assert embedded.embeddings.shape == (180, 64) and embedded.scores()["recall@1"] > 0.5
 
 
 def test_channels_last_switch_converts_the_backbone_and_its_inputs(compose_cfg):
@@ -238,3 +243,20 @@ def test_resized_cache_is_written_once_beside_the_dataset_and_read_from(tmp_path
     files[0].unlink()
     CUBDataModule(root=str(tmp_path / "cub"), resized_cache=True, **small).prepare_data()
     assert files[0].is_file() and [f.stat().st_mtime_ns for f in files[1:]] == stamps[1:]
+
+
+@pytest.mark.slow  # two short Lightning fits and a dataset of 400 JPEGs
+def test_throughput_benchmark_runs_and_reports_every_measure(tmp_path):
+    args = "--device cpu --backbone test_resnet --batch 8 --size 32 --workers 0 --steps 2 --warmup 1"
+    args += f" --per-class 2 --modes fp32 --e2e-mode fp32 --data {tmp_path}"
+    proc = run_entry("benchmarks/throughput.py", args.split())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(
+        r"^device CPU \(\d+ cores\); torch \S+; test_resnet at 32 px, batch 8; 0 loader workers", out, re.M
+    )
+    assert re.search(r"^\(a\) .*\n    fp32 +\d+$", out, re.M), out
+    for path in ("classic", "fast"):
+        assert re.search(rf"^    {path} +\d+ +[\d.]+%$", out, re.M), out
+        assert re.search(rf"^    {path} +\d+$", out, re.M), out
+    assert len(list((tmp_path / "cub" / "CUB_200_2011" / "images").rglob("*.jpg"))) == 400

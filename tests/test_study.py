@@ -49,7 +49,17 @@ def check_report(out: Path, spec) -> dict[str, str]:
     assert len(sections) == len(spec.tables) + 1, "a section per table, then the AntiCo forms"
     for table, section in zip(spec.tables, sections, strict=False):
         assert section.startswith(table.title)
+        if table.get("notes"):
+            assert " ".join(table.notes.split()) in section
         arms = list(table.arms)[: spec.max_arms or None]
+        section, _, probe = section.partition("\nThe AntiCo term after training")
+        if table.get("probe"):  # a row per arm with an AntiCo term: variant, weight, term, R, gradients
+            with_term = [a for a in arms if any("antico" in o for o in a.overrides)]
+            (rows,) = tables_of(probe)
+            assert len(rows) == len(with_term) and all(len(r.strip("| ").split(" | ")) == 7 for r in rows), (
+                rows
+            )
+            assert all(r.split(" | ")[1] in ("pair", "batch_proxy", "all_proxy") for r in rows), rows
         found = tables_of(section)
         assert len(found) == len(table.splits), "one Markdown table per split"
         for split, rows in zip(table.splits, found, strict=True):
@@ -101,7 +111,7 @@ def test_quick_study_writes_tables_sweeps_claims_paper_numbers_and_pictures(tmp_
     eps, antico = sections["eps"], sections["antico"]
     assert "| triplet (paper) | 0.420 | 0.875 | 0.966 |" in eps  # train digits
     assert "| triplet (paper) | 0.352 | 0.809 | 0.933 |" in eps  # test digits
-    for arm in ("triplet", "triplet_eps", "margin"):
+    for arm in ("triplet", "triplet_eps", "triplet_eps_random_negatives"):
         assert f"(results/eps_{arm}.png)" in eps
     # the swept arm: each value tried on the sweep's split, the best one named in its row
     tried = re.search(

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.stats import t as t_dist
 
 from dml.config import compose, conf_dir
+from dml.data.fast_path import EncodedBatch
 from dml.errors import UserError
 from dml.evaluation import collapse_metrics, knn, retrieval_metrics, singular_values
 from dml.evaluation.pictures import embedding_map, split_retrievals
@@ -114,9 +115,54 @@ def embed(checkpoint: str | Path, split: str = "test", batch_size: int = 500) ->
     data = datamodule.splits[split]
     outputs = []
     for start in range(0, len(data), batch_size):
-        images = torch.stack([data[i][0] for i in range(start, min(start + batch_size, len(data)))])
+        items = [data[i][0] for i in range(start, min(start + batch_size, len(data)))]
+        if datamodule.fast:  # encoded bytes: decode and transform as a batch
+            images = datamodule.batch_transform()(EncodedBatch(items, train=False), "cpu")
+        else:
+            images = torch.stack(items)
         outputs.append(module(images))
     return Embedded(torch.cat(outputs), data.labels.clone(), data, dict(data.extra_labels), module.metric)
+
+
+def antico_probe(
+    checkpoint: str | Path, samples_per_class: int = 10, seed: int = 0
+) -> dict[str, float] | None:
+    """The AntiCo term of a trained checkpoint on one class-balanced batch of its training split (every
+    training class, ``samples_per_class`` images each, drawn with ``seed``): its variant, weight, value
+    (exp(-R) in the official form, unweighted), R, and the gradient norm the weighted term sends to the
+    embeddings and to the proxies. ``None`` when the run's loss has no AntiCo term."""
+    run_cfg, state_dict = load_checkpoint(Path(checkpoint))
+    datamodule, module = build_data_and_module(run_cfg)
+    module.load_state_dict(state_dict)
+    module.eval()
+    term = module.loss.terms["antico"].loss if "antico" in module.loss.terms else None
+    if term is None:
+        return None
+    datamodule.setup("fit")
+    data = datamodule.splits["train"]
+    g = torch.Generator().manual_seed(seed)
+    picks = [
+        members[torch.randperm(len(members), generator=g)[:samples_per_class]]
+        for members in (torch.nonzero(data.labels == c).flatten() for c in torch.unique(data.labels))
+    ]
+    index = torch.cat(picks)
+    with torch.no_grad():
+        embeddings = module(torch.stack([data[int(i)][0] for i in index]))
+    embeddings.requires_grad_()
+    labels = data.labels[index]
+    module.loss.zero_grad()
+    weight = float(module.loss.weights["antico"])
+    value = term(embeddings, labels)
+    (weight * value).backward()
+    proxies = term.proxies.weight.grad if term.proxies is not None else None
+    return {
+        "variant": term.variant,
+        "weight": weight,
+        "value": value.item(),
+        "rate": (-value.log() / term.gamma).item() if term.form == "exp" else (-value / term.gamma).item(),
+        "embedding_grad": embeddings.grad.norm().item() if embeddings.grad is not None else 0.0,
+        "proxy_grad": proxies.norm().item() if proxies is not None else 0.0,
+    }
 
 
 # --- the study behind docs/results.md (make study) ------------------------------------------------------
@@ -176,7 +222,8 @@ class _Study:
 
     def __init__(self, spec: DictConfig, runs_dir: Path, pictures: Path):
         self.spec, self.runs_dir, self.pictures = spec, runs_dir, pictures
-        self.done: dict[tuple[str, ...], dict[str, float]] = {}
+        self.done: dict[tuple[str, ...], tuple[dict[str, float], Path]] = {}
+        self.last: dict[tuple[str, int], Path] = {}  # (arm, seed) -> its last checkpoint
 
     def score(self, name: str, overrides: list[str], table: DictConfig, splits, picture: str | None = None):
         """Train ``overrides`` (once), embed each split with the last checkpoint, return its scores;
@@ -222,6 +269,26 @@ class _Study:
             ]
         return max(found, key=found.get), found
 
+    def probe(self, table: DictConfig, arms: list, names: dict[str, str]) -> str:
+        """The AntiCo term of each arm that has one, at the end of its first seed's run."""
+        lines = [
+            f"\nThe AntiCo term after training (seed {self.spec.seeds[0]}, last checkpoint, one batch of every "
+            "training class x 10 images; the term unweighted, exp(-R) in the official form; the gradients "
+            "of the weighted term):\n",
+            "| arm | variant | weight | term | R | gradient to the embeddings | gradient to the proxies |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for arm in arms:
+            last = self.last.get((arm.name, self.spec.seeds[0]))
+            found = antico_probe(last) if last is not None else None
+            if found:
+                lines.append(
+                    f"| {names[arm.name]} | {found['variant']} | {found['weight']:g} | {found['value']:.3g} "
+                    f"| {found['rate']:.3g} "
+                    f"| {found['embedding_grad']:.3g} | {found['proxy_grad']:.3g} |"
+                )
+        return "\n".join(lines) + "\n"
+
     def table(self, table: DictConfig) -> str:
         arms, names, notes = list(table.arms)[: self.spec.max_arms or None], {}, []
         scores: dict[str, list[dict[str, float]]] = {}
@@ -239,6 +306,7 @@ class _Study:
                 run = [*overrides, *table.common, *self.spec.overrides, f"seed={seed}"]
                 name = f"{table.name}/{_slug(names[arm.name])}/seed{seed}"
                 scores.setdefault(arm.name, []).append(self.score(name, run, table, table.splits, picture))
+                self.last[(arm.name, seed)] = self.done[tuple(run)][1]
         text = _section(table, arms, names, scores)
         if notes:
             sweep = table.sweep
@@ -249,6 +317,8 @@ class _Study:
         if verdicts:
             text += "\nClaims (difference of means, Welch 95% interval; 'not separated' when it spans 0):\n\n"
             text += "\n".join(verdicts) + "\n"
+        if table.get("probe"):
+            text += self.probe(table, arms, names)
         return text
 
 
@@ -319,6 +389,8 @@ def _section(
 ) -> str:
     """The table's title and one Markdown table per split: an arm per row (the paper's row under it)."""
     lines = [f"## {table.title}\n"]
+    if table.get("notes"):
+        lines.append(" ".join(table.notes.split()) + "\n")
     for split, caption in table.splits.items():
         keys = [f"{split}/{column}" for column in table.columns]
         if len(table.splits) > 1:
