@@ -89,3 +89,18 @@ def test_retrieval_metrics_on_gpu_equal_cpu(cuda):
         ),
     )
     assert q == pytest.approx(gal, abs=1e-4)
+
+
+def test_fast_path_decodes_and_transforms_on_the_gpu_as_on_the_cpu(cuda):
+    from benchmarks.throughput import natural_jpeg
+
+    from dml.data.fast_path import BatchTransform, EncodedBatch
+
+    data = [torch.frombuffer(bytearray(natural_jpeg(seed)), dtype=torch.uint8) for seed in range(16)]
+    transform = BatchTransform(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    cpu = transform(EncodedBatch(data, train=False), "cpu")
+    gpu = transform(EncodedBatch(data, train=False), cuda)
+    assert gpu.device.type == "cuda" and gpu.shape == cpu.shape == (16, 3, 224, 224)
+    assert (gpu.cpu() - cpu).abs().mean() < 0.02  # nvJPEG and libjpeg round a little differently
+    train_batch = transform(EncodedBatch(data, train=True), cuda)
+    assert train_batch.shape == (16, 3, 224, 224) and torch.isfinite(train_batch).all()

@@ -90,7 +90,7 @@ def decode(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Ten
     jpeg = [i for i, d in enumerate(data) if bytes(d[:2].tolist()) == JPEG_MAGIC]
     out: list[torch.Tensor | None] = [None] * len(data)
     if jpeg:
-        on = "cuda" if device.type == "cuda" else "cpu"
+        on = device if device.type == "cuda" else "cpu"  # this process's GPU under DDP
         decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=on)
         for i, image in zip(jpeg, decoded, strict=True):
             out[i] = image
