@@ -260,3 +260,48 @@ def test_throughput_benchmark_runs_and_reports_every_measure(tmp_path):
         assert re.search(rf"^    {path} +\d+ +[\d.]+%$", out, re.M), out
         assert re.search(rf"^    {path} +\d+$", out, re.M), out
     assert len(list((tmp_path / "cub" / "CUB_200_2011" / "images").rglob("*.jpg"))) == 400
+
+
+def test_encoded_batches_travel_as_one_buffer():
+    data = jpegs(3, (40, 30))
+    batch = EncodedBatch(data, train=True)
+    assert batch.buffer.ndim == 1 and len(batch.buffer) == sum(len(d) for d in data) and len(batch) == 3
+    assert all(torch.equal(a, b) for a, b in zip(batch.data, data, strict=True))
+
+
+class _Stub:
+    """A trainer as the datamodule sees it: device, epoch, world size and rank."""
+
+    def __init__(self, device: str = "cpu", epoch: int = 0, world: int = 1, rank: int = 0):
+        self.strategy = type("S", (), {"root_device": torch.device(device)})()
+        self.current_epoch, self.world_size, self.global_rank = epoch, world, rank
+
+
+def test_augmentation_draws_per_rank_and_epoch_and_repeats_on_resume():
+    dm = SyntheticDataModule(pipeline="fast", batch_size=24, samples_per_class=4, num_train_classes=6, seed=3)
+
+    def draws(**trainer) -> torch.Tensor:
+        dm.trainer = _Stub(**trainer)
+        return torch.rand(5, generator=dm.augmentation_generator())
+
+    first = draws(world=2, rank=0)
+    assert not torch.equal(first, draws(world=2, rank=1)), "each process its own crops and flips"
+    assert not torch.equal(first, draws(world=2, rank=0, epoch=1))
+    assert torch.equal(first, draws(world=2, rank=0)), "an epoch resumed draws what it drew"
+
+
+def test_pipeline_auto_takes_the_fast_path_on_a_gpu_for_image_files_only(tmp_path):
+    make_cub(tmp_path / "cub", per_class=4)
+    cub = CUBDataModule(root=str(tmp_path / "cub"), image_size=8, resize_size=10, num_train_classes=3)
+    synthetic = SyntheticDataModule(batch_size=24, samples_per_class=4, num_train_classes=6, pipeline="auto")
+    for dm, on_gpu in ((cub, True), (synthetic, False)):
+        dm.pipeline = "auto"
+        dm.trainer = _Stub("cpu")
+        assert not dm.fast
+        dm.trainer = _Stub("cuda")
+        assert dm.fast == on_gpu
+
+
+def test_a_centre_crop_larger_than_the_resize_is_refused():
+    with pytest.raises(UserError, match="dataset.resize_size=200 is smaller than dataset.image_size=224"):
+        BatchTransform(224, 200, MEAN, STD)

@@ -110,13 +110,14 @@ class RetrievalDataModule(L.LightningDataModule):
         num_workers, pin_memory, persistent_workers: DataLoader settings.
         pipeline: ``classic`` (decode and augment in the loader workers), ``fast`` (the workers read
             encoded bytes; decode and augment batched on the device, see :mod:`dml.data.fast_path`) or
-            ``auto`` (fast when training on a GPU and the dataset has a fast path).
+            ``auto`` (fast when training on a GPU from image files).
         seed: seed of the batch sampler.
         recall_ks: the K of Recall@K in this benchmark's protocol.
     """
 
     name = "base"
     has_fast_path = False  # subclasses that implement encoded() and batch_transform()
+    fast_by_default = False  # pipeline=auto takes the fast path on a GPU (image files, not in-memory data)
 
     def __init__(
         self,
@@ -188,7 +189,7 @@ class RetrievalDataModule(L.LightningDataModule):
         if self.pipeline != "auto":
             return self.pipeline == "fast"
         trainer = getattr(self, "trainer", None)
-        return self.has_fast_path and trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return self.fast_by_default and trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     # --- shared ---------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -352,11 +353,30 @@ class RetrievalDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Fast path: decode and augment the batch's encoded images on the device its labels went to."""
-        if isinstance(batch[0], EncodedBatch):
-            images, labels, positions = batch
-            return self._batch_transform(images, labels.device), labels, positions
-        return batch
+        """Fast path: decode and augment the batch's encoded images on the device its labels went to,
+        drawing the augmentation from :meth:`augmentation_generator`; then the trainer's precision
+        converts them as it does classic batches (bf16-true)."""
+        if not isinstance(batch[0], EncodedBatch):
+            return batch
+        encoded, labels, positions = batch
+        generator = self.augmentation_generator() if encoded.train else None
+        images = self._batch_transform(encoded, labels.device, generator)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            images = trainer.precision_plugin.convert_input(images)
+        return images, labels, positions
+
+    def augmentation_generator(self) -> torch.Generator:
+        """The fast path's augmentation RNG: seeded from (seed, epoch, rank), so that each process draws
+        its own crops and flips and a run resumed at an epoch boundary draws what it would have."""
+        world, rank = self._world()
+        trainer = getattr(self, "trainer", None)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        key = (epoch, rank)
+        if getattr(self, "_generator_key", None) != key:
+            self._generator = torch.Generator().manual_seed(hash((self.seed, epoch, rank)) % 2**63)
+            self._generator_key = key
+        return self._generator
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_split_name)

@@ -28,16 +28,24 @@ JPEG_MAGIC = b"\xff\xd8"
 
 
 class EncodedBatch:
-    """A batch of encoded images (1-D uint8 CPU tensors), kept on the CPU by Lightning's batch transfer
-    (a plain object, not a collection): the decoder reads it from there."""
+    """A batch of encoded images, kept on the CPU by Lightning's batch transfer (a plain object, not a
+    collection): the decoder reads it from there. The images travel from the loader workers as one
+    uint8 buffer and their lengths (one shared-memory block a batch, not one per image)."""
 
-    __slots__ = ("data", "train")
+    __slots__ = ("buffer", "lengths", "train")
 
-    def __init__(self, data: list[torch.Tensor], train: bool):
-        self.data, self.train = data, train
+    def __init__(self, data: Sequence[torch.Tensor], train: bool):
+        self.buffer = torch.cat(list(data)) if len(data) else torch.empty(0, dtype=torch.uint8)
+        self.lengths = [len(d) for d in data]
+        self.train = train
+
+    @property
+    def data(self) -> list[torch.Tensor]:
+        """Each image's bytes (views of the buffer)."""
+        return list(torch.split(self.buffer, self.lengths))
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.lengths)
 
 
 class EncodedFiles:
@@ -86,13 +94,23 @@ def collate_encoded(train: bool):
 
 def decode(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """(3, H, W) uint8 RGB images on ``device``: JPEGs decoded together (on the GPU with a CUDA device),
-    anything else (PNG, grayscale) one by one on the CPU."""
+    anything else (PNG, grayscale) one by one on the CPU, as are the JPEGs of a batch that the GPU
+    decoder refuses (CMYK, unusual chroma subsampling)."""
     jpeg = [i for i, d in enumerate(data) if bytes(d[:2].tolist()) == JPEG_MAGIC]
     out: list[torch.Tensor | None] = [None] * len(data)
     if jpeg:
-        on = device if device.type == "cuda" else "cpu"  # this process's GPU under DDP
-        decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=on)
-        for i, image in zip(jpeg, decoded, strict=True):
+        decoded = None
+        if device.type == "cuda":
+            # nvJPEG writes its output without waiting for kernels still queued on the stream (the
+            # previous step's backward may still read memory it reuses): let them finish first.
+            torch.cuda.current_stream(device).synchronize()
+            try:
+                decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:
+                decoded = None  # decoded on the CPU below, image by image
+        else:
+            decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB)
+        for i, image in zip(jpeg, decoded or [None] * len(jpeg), strict=True):
             out[i] = image
     for i, image in enumerate(out):
         if image is None:
@@ -168,20 +186,28 @@ class BatchTransform:
         bgr_255: bool = False,
         augment: bool = True,
     ):
+        if resize_size < image_size:
+            raise UserError(
+                f"dataset.resize_size={resize_size} is smaller than dataset.image_size={image_size}: the "
+                "evaluation's centre crop would not fit; set resize_size >= image_size"
+            )
         self.image_size, self.resize_size, self.hflip, self.bgr_255 = image_size, resize_size, hflip, bgr_255
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.augment_crops = augment
 
-    def __call__(self, batch: EncodedBatch, device: torch.device | str) -> torch.Tensor:
+    def __call__(
+        self, batch: EncodedBatch, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The batch decoded and transformed on ``device``; training draws from ``generator`` (CPU)."""
         device = torch.device(device)
         images = decode(batch.data, device)
-        return self.augment(images) if batch.train else self.evaluate(images)
+        return self.augment(images, generator) if batch.train else self.evaluate(images)
 
-    def augment(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def augment(self, images: list[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """Random resized crop, then a random horizontal flip, normalised."""
         if self.augment_crops:
             sizes = torch.tensor([image.shape[-2:] for image in images])
-            boxes = crop_boxes(sizes).tolist()
+            boxes = crop_boxes(sizes, generator=generator).tolist()
             size = (self.image_size, self.image_size)
             out = torch.stack(
                 [
@@ -192,7 +218,7 @@ class BatchTransform:
         else:
             out = self._crop(images)
         if self.hflip:
-            flip = torch.rand(len(out)) < 0.5
+            flip = torch.rand(len(out), generator=generator) < 0.5
             out = torch.where(flip.to(out.device).view(-1, 1, 1, 1), out.flip(-1), out)
         return self._normalize(out)
 

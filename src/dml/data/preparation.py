@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tarfile
 import tempfile
 import urllib.request
@@ -223,7 +224,7 @@ def index_cache_path(root: Path) -> Path:
 
 def resized_copy(root: Path, paths: list[str], short_side: int, quality: int = 90) -> Path:
     """A one-time copy of the images ``paths`` (relative to ``root``) with their shorter side brought down
-    to ``short_side`` (smaller ones are copied as they are), RGB, JPEG quality ``quality``: the fast
+    to ``short_side`` (RGB, JPEG quality ``quality``; smaller ones are copied as they are): the fast
     path's smaller, faster-to-decode files. Kept in ``root/.dml_resized_<short_side>``, or under
     :func:`cache_path` when ``root`` is read-only; files are written atomically, so a stopped copy goes
     on where it stopped, and ``complete.json`` marks a finished one. Returns the copy's folder.
@@ -250,14 +251,15 @@ def resized_copy(root: Path, paths: list[str], short_side: int, quality: int = 9
             if out.is_file():
                 continue
             out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f"{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # nodes may share it
             with Image.open(root / rel) as image:
-                image = image.convert("RGB")
                 scale = short_side / min(image.size)
                 if scale < 1:
                     size = tuple(max(1, round(side * scale)) for side in image.size)
-                    image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-                tmp = out.with_name(out.name + ".tmp")
-                image.save(tmp, "JPEG", quality=quality)
+                    image = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+                    image.save(tmp, "JPEG", quality=quality)
+                else:
+                    shutil.copyfile(root / rel, tmp)  # small enough already: the file as it is
             tmp.replace(out)
         marker.write_text(json.dumps(settings))
         return folder

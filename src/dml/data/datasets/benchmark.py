@@ -99,7 +99,7 @@ class FileBenchmark(RetrievalDataModule):
     """
 
     archives: tuple[Archive, ...] = ()
-    has_fast_path = True
+    has_fast_path = fast_by_default = True
 
     def __init__(
         self,
