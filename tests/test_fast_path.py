@@ -27,6 +27,14 @@ from tests.conftest import FAST_RUN, compose_config, run_entry
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+class _Stub:
+    """A trainer as the datamodule sees it: device, epoch, world size and rank."""
+
+    def __init__(self, device: str = "cpu", epoch: int = 0, world: int = 1, rank: int = 0):
+        self.strategy = type("S", (), {"root_device": torch.device(device)})()
+        self.current_epoch, self.world_size, self.global_rank = epoch, world, rank
+
+
 def jpegs(count: int, size=(500, 375)) -> list[torch.Tensor]:
     return [torch.frombuffer(bytearray(natural_jpeg(seed, size)), dtype=torch.uint8) for seed in range(count)]
 
@@ -190,11 +198,7 @@ def test_channels_last_switch_converts_the_backbone_and_its_inputs(compose_cfg):
     )
     module = build_module(cfg)
 
-    class Trainer:
-        class strategy:  # noqa: N801
-            root_device = torch.device("cpu")
-
-    module._trainer = Trainer()
+    module._trainer = _Stub("cpu")
     module.setup("fit")
     conv = next(m for m in module.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -211,11 +215,7 @@ def test_speed_switches_default_to_auto_and_stay_off_on_cpu(compose_cfg):
     )
     module = build_module(cfg)
 
-    class Trainer:
-        class strategy:  # noqa: N801
-            root_device = torch.device("cpu")
-
-    module._trainer = Trainer()
+    module._trainer = _Stub("cpu")
     module.setup("fit")
     assert not module._channels_last and not hasattr(module.backbone, "_compiled_by_dml")
     assert math.isfinite(module(torch.randn(2, 3, 32, 32)).sum().item())
@@ -267,14 +267,6 @@ def test_encoded_batches_travel_as_one_buffer():
     batch = EncodedBatch(data, train=True)
     assert batch.buffer.ndim == 1 and len(batch.buffer) == sum(len(d) for d in data) and len(batch) == 3
     assert all(torch.equal(a, b) for a, b in zip(batch.data, data, strict=True))
-
-
-class _Stub:
-    """A trainer as the datamodule sees it: device, epoch, world size and rank."""
-
-    def __init__(self, device: str = "cpu", epoch: int = 0, world: int = 1, rank: int = 0):
-        self.strategy = type("S", (), {"root_device": torch.device(device)})()
-        self.current_epoch, self.world_size, self.global_rank = epoch, world, rank
 
 
 def test_augmentation_draws_per_rank_and_epoch_and_repeats_on_resume():
