@@ -46,12 +46,16 @@ def torchvision_boxes(height: int, width: int, count: int) -> np.ndarray:
     )
 
 
+def both_boxes(size: tuple[int, int], count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` crop boxes for an image of ``size`` from ours and from torchvision, seeded."""
+    torch.manual_seed(0)
+    return crop_boxes(torch.tensor([size] * count)).numpy(), torchvision_boxes(*size, count)
+
+
 @pytest.mark.parametrize("size", [(375, 500), (500, 375), (64, 64)])
 def test_crop_boxes_follow_torchvision_random_resized_crop(size):
-    torch.manual_seed(0)
     height, width = size
-    ours = crop_boxes(torch.tensor([size] * 20_000)).numpy()
-    theirs = torchvision_boxes(height, width, 20_000)
+    ours, theirs = both_boxes(size, 20_000)
     assert (ours[:, 0] >= 0).all() and (ours[:, 1] >= 0).all()
     assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()
     for name, f in {
@@ -67,10 +71,8 @@ def test_crop_boxes_follow_torchvision_random_resized_crop(size):
 @pytest.mark.parametrize("size", [(40, 400), (400, 40), (30, 30)])
 def test_crop_boxes_fall_back_to_torchvision_s_centre_crop(size):
     """Images so elongated that no draw fits (a tenth of the tries at most), and tiny ones."""
-    torch.manual_seed(0)
     height, width = size
-    ours = crop_boxes(torch.tensor([size] * 2000)).numpy()
-    theirs = torchvision_boxes(height, width, 2000)
+    ours, theirs = both_boxes(size, 2000)
     fallback = lambda b: {tuple(r) for r in b if (r[2] == height or r[3] == width)}  # noqa: E731
     # the fall-back crop is deterministic: both give the same one, and about as often
     centre = fallback(ours) & fallback(theirs)

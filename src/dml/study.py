@@ -114,10 +114,11 @@ def embed(checkpoint: str | Path, split: str = "test", batch_size: int = 500) ->
     datamodule.setup("test")
     data = datamodule.splits[split]
     outputs = []
+    transform = datamodule.batch_transform() if datamodule.fast else None  # items are encoded bytes
     for start in range(0, len(data), batch_size):
         items = [data[i][0] for i in range(start, min(start + batch_size, len(data)))]
-        if datamodule.fast:  # encoded bytes: decode and transform as a batch
-            images = datamodule.batch_transform()(EncodedBatch(items, train=False), "cpu")
+        if transform is not None:
+            images = transform(EncodedBatch(items, train=False), "cpu")
         else:
             images = torch.stack(items)
         outputs.append(module(images))
