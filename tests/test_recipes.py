@@ -56,7 +56,7 @@ ANTICO = dict(
     warmup=0,
     batch=("class_balanced", 45, 2),
     embedding=512,
-    backbone=("resnet50", "avgmax", True),
+    backbone=("resnet50.tv_in1k", "avgmax", True),
     terms={"proxy_anchor": 0.0035, "antico": 1.0},
     settings={
         "proxy_anchor.alpha": 64,
@@ -89,7 +89,7 @@ def proxy_anchor(lr, warmup, batch, freeze_bn, step, gamma):
         lr_factor={0: 1.0, step - 1: 1.0, step: gamma, 59: gamma ** (59 // step)},
         warmup=warmup,
         batch=("random", batch),
-        backbone=("resnet50", "avgmax", freeze_bn),
+        backbone=("resnet50.tv_in1k", "avgmax", freeze_bn),
         **PROXY_ANCHOR,
     )
 
@@ -104,7 +104,7 @@ EPS = dict(
     warmup=0,
     batch=("class_balanced", 28, 4),
     embedding=128,
-    backbone=("resnet50", "avg", True),
+    backbone=("resnet50.tv_in1k", "avg", True),
 )
 EPS_GROUPS = {"backbone": (1e-5, 4e-4), "head": (1e-5, 4e-4)}
 EPS_TRIPLET = dict(

@@ -172,6 +172,8 @@ class BatchTransform:
         mean, std: normalisation, in [0, 1] units (or 0-255 units with ``bgr_255``).
         hflip: random horizontal flips in training.
         bgr_255: BGR channels in [0, 255] (Caffe-style backbones).
+        interpolation: ``bilinear`` or ``bicubic`` resizing, antialiased as PIL resizes.
+        crop_scale: area fraction range of the random resized crops.
         augment: random resized crops in training; False: training batches get the evaluation
             transform (flips still apply with ``hflip``).
     """
@@ -185,6 +187,8 @@ class BatchTransform:
         hflip: bool = True,
         bgr_255: bool = False,
         augment: bool = True,
+        interpolation: str = "bilinear",
+        crop_scale: tuple[float, float] = (0.08, 1.0),
     ):
         if resize_size < image_size:
             raise UserError(
@@ -194,6 +198,9 @@ class BatchTransform:
         self.image_size, self.resize_size, self.hflip, self.bgr_255 = image_size, resize_size, hflip, bgr_255
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.augment_crops = augment
+        if interpolation not in ("bilinear", "bicubic"):
+            raise UserError(f"interpolation must be bilinear or bicubic, got {interpolation!r}")
+        self.interpolation, self.crop_scale = interpolation, tuple(crop_scale)
 
     def __call__(
         self, batch: EncodedBatch, device: torch.device | str, generator: torch.Generator | None = None
@@ -207,7 +214,7 @@ class BatchTransform:
         """Random resized crop, then a random horizontal flip, normalised."""
         if self.augment_crops:
             sizes = torch.tensor([image.shape[-2:] for image in images])
-            boxes = crop_boxes(sizes, generator=generator).tolist()
+            boxes = crop_boxes(sizes, scale=self.crop_scale, generator=generator).tolist()
             size = (self.image_size, self.image_size)
             out = torch.stack(
                 [
@@ -239,11 +246,10 @@ class BatchTransform:
             out.append(resized[:, top : top + self.image_size, left : left + self.image_size])
         return torch.stack(out)
 
-    @staticmethod
-    def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """uint8 (3, h, w) -> float (3, *size) in [0, 255], bilinear with antialiasing (as PIL resizes)."""
+    def _resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """uint8 (3, h, w) -> float (3, *size) in [0, 255], with antialiasing (as PIL resizes)."""
         return F.interpolate(
-            image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+            image[None].float(), size=size, mode=self.interpolation, antialias=True, align_corners=False
         )[0]
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,9 @@ class DMLModule(L.LightningModule):
         lr_mult: learning-rate multiplier per parameter group (backbone, head, loss).
         loss_weight_decay: weight decay of the loss-owned parameters; ``None`` keeps the optimizer's.
         warmup_epochs: epochs during which the backbone is frozen and only head and loss train.
+        layer_decay: layer-wise lr decay of the backbone (ViT fine-tuning, as BEiT): its last layer trains
+            at the backbone's lr, each earlier layer at ``layer_decay`` times the next; biases and norms
+            get no weight decay. Timm backbones only; ``None``: one backbone group.
         recall_ks: the K of Recall@K.
         knn_backend: ``auto``, ``torch`` or ``faiss``.
         nmi: compute NMI at evaluation.
@@ -71,6 +74,7 @@ class DMLModule(L.LightningModule):
         lr_mult: Mapping[str, float] | None = None,
         loss_weight_decay: float | None = None,
         warmup_epochs: int = 0,
+        layer_decay: float | None = None,
         recall_ks: Sequence[int] = (1, 2, 4, 8),
         knn_backend: str = "auto",
         nmi: bool = True,
@@ -115,6 +119,15 @@ class DMLModule(L.LightningModule):
                 "or use model.knn_backend=torch"
             )
         self.loss_weight_decay, self.warmup_epochs = loss_weight_decay, warmup_epochs
+        if layer_decay is not None:
+            if not 0 < layer_decay <= 1:
+                raise UserError(f"model.layer_decay={layer_decay} must be in (0, 1] (or null for none)")
+            if not hasattr(backbone, "layer_groups"):
+                raise UserError(
+                    f"model.layer_decay is for timm backbones (ViTs); {type(backbone).__name__} has no layer "
+                    "grouping: set model.layer_decay=null and use model.lr_mult.backbone"
+                )
+        self.layer_decay = layer_decay
         self.recall_ks, self.knn_backend, self.nmi = list(recall_ks), knn_backend, nmi
         self.nmi_multiples, self.collapse = list(nmi_multiples), collapse
         self.last_evaluation: EvaluationResult | None = None
@@ -285,6 +298,26 @@ class DMLModule(L.LightningModule):
             self.test_results = self._evaluate("test")
 
     # --- optimisation -----------------------------------------------------------------------------------
+    def _layer_decay_groups(self, lr: float) -> list[dict]:
+        """The backbone's groups under layer-wise decay, named ``backbone.<layer>``; the optimizer's weight
+        decay on weights, none on biases and norms."""
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        out = []
+        for i, group in enumerate(
+            self.backbone.layer_groups(keywords.get("weight_decay", 0.0), self.layer_decay)
+        ):
+            params = [p for p in group["params"] if p.requires_grad]
+            if params:
+                out.append(
+                    {
+                        "params": params,
+                        "lr": lr * group["lr_scale"],
+                        "weight_decay": group["weight_decay"],
+                        "name": f"backbone.{i}",
+                    }
+                )
+        return out
+
     def configure_optimizers(self) -> Any:
         base_lr = (
             self.optimizer_factory.keywords.get("lr") if hasattr(self.optimizer_factory, "keywords") else None
@@ -292,7 +325,9 @@ class DMLModule(L.LightningModule):
         if base_lr is None:
             raise ValueError("the optimizer config must set lr (optimizer.lr)")
         groups = []
-        for name in ("backbone", "head"):
+        if self.layer_decay is not None:
+            groups += self._layer_decay_groups(base_lr * self.lr_mult["backbone"])
+        for name in ("head",) if self.layer_decay is not None else ("backbone", "head"):
             params = [p for p in getattr(self, name).parameters() if p.requires_grad]
             if params:
                 groups.append({"params": params, "lr": base_lr * self.lr_mult[name], "name": name})

@@ -87,7 +87,11 @@ class FileBenchmark(RetrievalDataModule):
         image_size: crop size; resize_size: the shorter side before the test centre crop; ``None``
             takes them from the backbone (see :meth:`use_backbone_config`).
         mean, std: normalisation; ``None`` takes the backbone's (set by :meth:`use_backbone_config`).
-        bgr_255: feed BGR in [0, 255] (then mean and std are in that scale).
+        bgr_255: feed BGR in [0, 255] (then mean and std are in that scale); ``None`` takes the
+            backbone's (true for BN-Inception).
+        interpolation: resize interpolation (``bilinear``, ``bicubic``); ``None`` takes the backbone's.
+        crop_scale: the area fraction range of the training's random resized crops (torchvision's
+            default (0.08, 1); ViT recipes often use (0.2, 1)).
         hflip: random horizontal flips in training.
         skip_bad_images: leave out unreadable images instead of failing preparation.
         download: fetch missing archives from their official URL when reachable.
@@ -108,7 +112,9 @@ class FileBenchmark(RetrievalDataModule):
         resize_size: int | None = 256,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        bgr_255: bool = False,
+        bgr_255: bool | None = None,
+        interpolation: str | None = None,
+        crop_scale: Sequence[float] = (0.08, 1.0),
         hflip: bool = True,
         skip_bad_images: bool = False,
         download: bool = True,
@@ -122,6 +128,14 @@ class FileBenchmark(RetrievalDataModule):
         self.root = Path(root).expanduser()
         self.image_size, self.resize_size, self.bgr_255, self.hflip = image_size, resize_size, bgr_255, hflip
         self.mean, self.std = mean, std
+        if interpolation not in (None, "bilinear", "bicubic"):
+            raise UserError(f"dataset.interpolation must be bilinear, bicubic or null, got {interpolation!r}")
+        self.interpolation = interpolation
+        if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise UserError(
+                f"dataset.crop_scale={list(crop_scale)} must be [low, high] with 0 < low <= high <= 1"
+            )
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.skip_bad_images, self.download = skip_bad_images, download
         self.resized_cache = resized_cache
 
@@ -181,17 +195,23 @@ class FileBenchmark(RetrievalDataModule):
     # --- transforms -----------------------------------------------------------------------------------
     def use_backbone_config(self, data_config: dict) -> None:
         """Fill what the dataset config left null from the backbone's pretrained config (timm's
-        ``resolve_model_data_config``): mean, std, crop size, and the resize before the centre crop
-        (crop size / crop_pct)."""
+        ``resolve_model_data_config``): mean, std, crop size, the resize before the centre crop
+        (crop size / crop_pct), interpolation and channel order (BGR 0-255 for Caffe-style weights)."""
         self.mean = self.mean if self.mean is not None else tuple(data_config.get("mean", IMAGENET_MEAN))
         self.std = self.std if self.std is not None else tuple(data_config.get("std", IMAGENET_STD))
         if self.image_size is None:
             self.image_size = int(data_config.get("input_size", (3, 224, 224))[-1])
         if self.resize_size is None:
             self.resize_size = int(round(self.image_size / data_config.get("crop_pct", 0.875)))
+        if self.interpolation is None:
+            self.interpolation = data_config.get("interpolation", "bilinear")
+            if self.interpolation not in ("bilinear", "bicubic"):
+                self.interpolation = "bilinear"
+        if self.bgr_255 is None:
+            self.bgr_255 = bool(data_config.get("bgr_255", False))
 
     def _normalization(self) -> tuple[Sequence[float], Sequence[float]]:
-        if self.image_size is None or self.resize_size is None:
+        if None in (self.image_size, self.resize_size, self.interpolation, self.bgr_255):
             self.use_backbone_config({})
         mean = self.mean if self.mean is not None else IMAGENET_MEAN
         std = self.std if self.std is not None else IMAGENET_STD
@@ -199,12 +219,13 @@ class FileBenchmark(RetrievalDataModule):
 
     def transform(self, stage: str) -> Callable:
         mean, std = self._normalization()
+        mode = T.InterpolationMode(self.interpolation)
         if stage == "train":
-            steps = [T.RandomResizedCrop(self.image_size)] + (
+            steps = [T.RandomResizedCrop(self.image_size, scale=self.crop_scale, interpolation=mode)] + (
                 [T.RandomHorizontalFlip()] if self.hflip else []
             )
         else:
-            steps = [T.Resize(self.resize_size), T.CenterCrop(self.image_size)]
+            steps = [T.Resize(self.resize_size, interpolation=mode), T.CenterCrop(self.image_size)]
         steps.append(T.ToTensor())
         if self.bgr_255:
             steps.append(ScaleToBGR255())
@@ -216,4 +237,13 @@ class FileBenchmark(RetrievalDataModule):
 
     def batch_transform(self) -> BatchTransform:
         mean, std = self._normalization()
-        return BatchTransform(self.image_size, self.resize_size, mean, std, self.hflip, self.bgr_255)
+        return BatchTransform(
+            self.image_size,
+            self.resize_size,
+            mean,
+            std,
+            self.hflip,
+            self.bgr_255,
+            interpolation=self.interpolation,
+            crop_scale=self.crop_scale,
+        )
