@@ -14,8 +14,9 @@ import torch
 from hydra.utils import instantiate
 
 from dml.losses import ProxyBank
-from dml.tasks import build_module
-from tests.conftest import CONF
+from dml.tasks import build_module, train
+from tests.benchmark_fixtures import BUILDERS
+from tests.conftest import CONF, compose_config
 
 
 @dataclass
@@ -26,7 +27,9 @@ class Published:
     lr_factor: epoch -> lr / first-epoch lr, the same for every group.
     batch: ("class_balanced", P, K) or ("random", B).
     terms: term -> weight; settings: "term.attribute" (of the term's loss) or "term.miner.attribute".
-    backbone: (timm name, pooling, BatchNorm frozen).
+    backbone: (timm name or class, pooling (a ViT's token_pool), BatchNorm frozen).
+    optimizer_settings: further optimizer defaults (e.g. AdamW's eps); crop_scale: the training crops'
+    area range (image benchmarks).
     clip: (gradient_clip_val, gradient_clip_algorithm) or None.
     proxy_init_std: None for kaiming-normal proxies (or no proxies).
     """
@@ -45,6 +48,8 @@ class Published:
     clip: tuple[float, str] | None = None
     proxy_init_std: float | None = None
     metric: str = "cosine"  # euclidean: un-normalised embeddings, scored by Euclidean distance
+    optimizer_settings: dict[str, float] = field(default_factory=dict)
+    crop_scale: tuple[float, float] | None = None
 
 
 # AntiCo official code (antico_runs.sh, parameters.py, criteria/antico.py): Adam 1e-5 with wd 4e-4 on the
@@ -83,13 +88,14 @@ PROXY_ANCHOR = dict(
 )
 
 
-def proxy_anchor(lr, warmup, batch, freeze_bn, step, gamma):
+def proxy_anchor(lr, warmup, batch, freeze_bn, step, gamma, backbone="resnet50.tv_in1k"):
     return Published(
         groups={"backbone": (lr, 1e-4), "head": (lr, 1e-4), "loss/proxies": (100 * lr, 1e-4)},
         lr_factor={0: 1.0, step - 1: 1.0, step: gamma, 59: gamma ** (59 // step)},
         warmup=warmup,
         batch=("random", batch),
-        backbone=("resnet50.tv_in1k", "avgmax", freeze_bn),
+        backbone=(backbone, "avgmax", freeze_bn),
+        crop_scale=(0.08, 1.0),
         **PROXY_ANCHOR,
     )
 
@@ -190,6 +196,26 @@ def parity(term: str, settings: dict[str, Any], eps: bool) -> Published:
     )
 
 
+# HIER official code (scripts/DINO/hier_CUB.sh, train.py, utils.py): AdamW 5e-6 (batch 180 = 90 x 2 per
+# class), wd 1e-2 on every group, eps 1e-4, proxies x1e4, head x1, constant lr, 1 epoch with the
+# backbone's lr at 0, gradient values clipped at 10, 100 epochs, 128-d, PA alpha 32 / mrg 0.1,
+# crops of scale (0.2, 1); the Proxy-Anchor baseline, without HIER's own term.
+HIER_DINO = Published(
+    optimizer="AdamW",
+    groups={"backbone": (5e-6, 1e-2), "head": (5e-6, 1e-2), "loss/proxies": (5e-2, 1e-2)},
+    lr_factor={0: 1.0, 50: 1.0, 99: 1.0},
+    epochs=100,
+    warmup=1,
+    batch=("class_balanced", 90, 2),
+    embedding=128,
+    backbone=("vit_small_patch16_224.dino", "cls", False),
+    terms={"proxy_anchor": 1.0},
+    settings={"proxy_anchor.alpha": 32, "proxy_anchor.delta": 0.1},
+    clip=(10, "value"),
+    optimizer_settings={"eps": 1e-4},
+    crop_scale=(0.2, 1.0),
+)
+
 PUBLISHED: dict[str, Published] = {
     "antico_cub_r50": Published(lr_factor={0: 1.0, 50: 1.0, 99: 1.0}, epochs=100, **ANTICO),
     "antico_cars_r50": Published(lr_factor={0: 1.0, 99: 1.0, 100: 0.5, 299: 0.5}, epochs=300, **ANTICO),
@@ -197,6 +223,28 @@ PUBLISHED: dict[str, Published] = {
     "proxy_anchor_cars_r50": proxy_anchor(1e-4, 5, 120, True, step=10, gamma=0.5),
     "proxy_anchor_sop_r50": proxy_anchor(6e-4, 1, 180, False, step=20, gamma=0.25),
     "proxy_anchor_inshop_r50": proxy_anchor(6e-4, 1, 180, False, step=20, gamma=0.25),
+    # The README's Inception-BN commands.
+    "proxy_anchor_cub_bninception": proxy_anchor(1e-4, 1, 180, True, 10, 0.5, backbone="BNInception"),
+    "proxy_anchor_cars_bninception": proxy_anchor(1e-4, 1, 180, True, 20, 0.5, backbone="BNInception"),
+    "proxy_anchor_sop_bninception": proxy_anchor(6e-4, 1, 180, False, 20, 0.25, backbone="BNInception"),
+    "proxy_anchor_inshop_bninception": proxy_anchor(6e-4, 1, 180, False, 20, 0.25, backbone="BNInception"),
+    "antico_cub_bninception": Published(
+        lr_factor={0: 1.0, 50: 1.0, 99: 1.0},
+        epochs=100,
+        **ANTICO | {"backbone": ("BNInception", "avgmax", True)},
+    ),
+    "antico_cars_bninception": Published(
+        lr_factor={0: 1.0, 99: 1.0, 100: 0.5, 299: 0.5},
+        epochs=300,
+        **ANTICO | {"backbone": ("BNInception", "avgmax", True)},
+    ),
+    # The official AntiCo settings on CLIP's image tower (the recipe lists this as its departure).
+    "antico_cub_clip_vitb16": Published(
+        lr_factor={0: 1.0, 50: 1.0, 99: 1.0},
+        epochs=100,
+        **ANTICO | {"backbone": ("vit_base_patch16_clip_224.openai", "cls", False)},
+    ),
+    "proxy_anchor_cub_dino_vits16": HIER_DINO,
     "eps_cub_triplet": Published(**EPS, **EPS_TRIPLET),
     "eps_cars_triplet": Published(**EPS, **EPS_TRIPLET),
     "eps_cub_margin": Published(**EPS, **EPS_MARGIN),
@@ -263,6 +311,8 @@ def test_recipe_gives_the_published_settings(compose_cfg, name):
 
     lrs, optimizer = lrs_by_epoch(module, card.epochs)
     assert type(optimizer).__name__ == card.optimizer
+    for key, value in card.optimizer_settings.items():
+        assert all(g[key] == pytest.approx(value) for g in optimizer.param_groups), key
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert set(groups) == set(card.groups), "optimizer groups"
     for group, (lr, weight_decay) in card.groups.items():
@@ -273,6 +323,8 @@ def test_recipe_gives_the_published_settings(compose_cfg, name):
     assert module.warmup_epochs == card.warmup
 
     assert datamodule.sampler == card.batch[0]
+    if card.crop_scale is not None:
+        assert datamodule.crop_scale == card.crop_scale
     if card.batch[0] == "random":
         assert datamodule.batch_size == card.batch[1]
     else:
@@ -284,7 +336,8 @@ def test_recipe_gives_the_published_settings(compose_cfg, name):
     name_, pooling, frozen = card.backbone
     backbone = module.backbone
     assert cfg.backbone.get("name", type(backbone).__name__) == name_
-    assert backbone.pooling == pooling and backbone.freeze_bn == frozen
+    pool = backbone.token_pool if getattr(backbone, "is_token_model", False) else backbone.pooling
+    assert pool == pooling and backbone.freeze_bn == frozen
     batchnorm = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert all(p.requires_grad != frozen for m in batchnorm for p in m.parameters())
 
@@ -308,3 +361,37 @@ def test_recipe_gives_the_published_settings(compose_cfg, name):
 
     clip = (trainer.gradient_clip_val, trainer.gradient_clip_algorithm.value)
     assert (clip if card.clip else clip[0]) == (card.clip or None)
+
+
+# The recipes of issue 13's backbones run a debug=fast step on the official-layout fixture of their
+# dataset (random weights, 32 px crops, batches of 4): every part the recipe wires is exercised once.
+BACKBONE_RECIPES = [n for n in RECIPES if n.endswith(("_bninception", "_clip_vitb16", "_dino_vits16"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BACKBONE_RECIPES)
+def test_backbone_recipe_runs_a_debug_step(tmp_path, name):
+    dataset = next(d for d in BUILDERS if f"_{d}_" in name)
+    fixture = BUILDERS[dataset](tmp_path / "data" / dataset)
+    overrides = [
+        f"experiment={name}",
+        "debug=fast",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"dataset.num_train_classes={fixture['num_train_classes']}",
+        "dataset.image_size=32",
+        "dataset.resize_size=36",
+        "dataset.batch_size=4",
+        "dataset.num_workers=0",
+        "dataset.download=false",
+        "backbone.pretrained=false",
+        "trainer.accelerator=cpu",
+        "callbacks=no_progress",
+        "trainer.enable_progress_bar=false",
+    ]
+    cfg = compose_config(overrides, tmp_path)
+    if cfg.dataset.sampler == "class_balanced":
+        cfg.dataset.samples_per_class = 2
+    if "vit" in name:
+        cfg.backbone.img_size = 32
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/recall@1"] <= 1.0

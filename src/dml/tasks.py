@@ -195,9 +195,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def load_checkpoint(ckpt_path: Path) -> tuple[DictConfig, dict[str, Any]]:
-    """The run config stored in a checkpoint written by train.py, and its state dict."""
+    """The run config stored in a checkpoint written by train.py, and its state dict.
+
+    The backbone is rebuilt without its pretrained weights: the state dict holds every weight, and
+    evaluating must not need the network or the weights file that training started from."""
     payload = read_checkpoint(ckpt_path)
-    return OmegaConf.create(payload["dml_config"]), payload["state_dict"]
+    run_cfg = OmegaConf.create(payload["dml_config"])
+    for key, value in (("pretrained", False), ("pretrained_file", None)):
+        if key in run_cfg.get("backbone", {}):
+            run_cfg.backbone[key] = value
+    return run_cfg, payload["state_dict"]
 
 
 def _command_line_keys() -> list[str]:

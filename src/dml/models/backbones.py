@@ -134,7 +134,12 @@ class TimmBackbone(Backbone):
 def _create_timm(name: str, pretrained: bool, pretrained_file: str | None, kwargs: dict) -> nn.Module:
     """The timm model with its weights: from ``pretrained_file``, else (``pretrained``) the local hub cache,
     else a download; with no network and no cache, fail at once saying what to fetch."""
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        if "img_size" in kwargs and "img_size" in str(e):
+            raise UserError(f"backbone.img_size is for ViTs; {name} takes any input size: set it to null") from e
+        raise
     if pretrained_file:
         weights.load_file_into(model, pretrained_file, name)
         return model
@@ -222,11 +227,10 @@ class GoogLeNet(Backbone):
             raise UserError(f"GoogLeNet takes 3 input channels; got backbone.in_chans={in_chans}")
         from torchvision.models import googlenet
 
-        with_weights = bool(pretrained or pretrained_file)
-        # torchvision's weights expect its input re-normalisation (transform_input), as its builder sets.
-        net = googlenet(
-            weights=None, aux_logits=False, transform_input=with_weights, init_weights=not with_weights
-        )
+        # torchvision's weights expect its input re-normalisation (transform_input, a fixed affine map of
+        # the ImageNet-normalised input): always on, so that a network rebuilt without its pretrained
+        # weights (to load a checkpoint) computes what it trained with.
+        net = googlenet(weights=None, aux_logits=False, transform_input=True, init_weights=True)
         net.avgpool, net.dropout, net.fc = nn.Identity(), nn.Identity(), nn.Identity()
         self.net = net
         if pretrained_file:
