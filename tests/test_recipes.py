@@ -50,6 +50,7 @@ class Published:
     metric: str = "cosine"  # euclidean: un-normalised embeddings, scored by Euclidean distance
     optimizer_settings: dict[str, float] = field(default_factory=dict)
     crop_scale: tuple[float, float] | None = None
+    bn_momentum: float | None = None
 
 
 # AntiCo official code (antico_runs.sh, parameters.py, criteria/antico.py): Adam 1e-5 with wd 4e-4 on the
@@ -88,7 +89,7 @@ PROXY_ANCHOR = dict(
 )
 
 
-def proxy_anchor(lr, warmup, batch, freeze_bn, step, gamma, backbone="resnet50.tv_in1k"):
+def proxy_anchor(lr, warmup, batch, freeze_bn, step, gamma, backbone="resnet50.tv_in1k", bn_momentum=None):
     return Published(
         groups={"backbone": (lr, 1e-4), "head": (lr, 1e-4), "loss/proxies": (100 * lr, 1e-4)},
         lr_factor={0: 1.0, step - 1: 1.0, step: gamma, 59: gamma ** (59 // step)},
@@ -96,6 +97,7 @@ def proxy_anchor(lr, warmup, batch, freeze_bn, step, gamma, backbone="resnet50.t
         batch=("random", batch),
         backbone=(backbone, "avgmax", freeze_bn),
         crop_scale=(0.08, 1.0),
+        bn_momentum=bn_momentum,
         **PROXY_ANCHOR,
     )
 
@@ -224,10 +226,18 @@ PUBLISHED: dict[str, Published] = {
     "proxy_anchor_sop_r50": proxy_anchor(6e-4, 1, 180, False, step=20, gamma=0.25),
     "proxy_anchor_inshop_r50": proxy_anchor(6e-4, 1, 180, False, step=20, gamma=0.25),
     # The README's Inception-BN commands.
-    "proxy_anchor_cub_bninception": proxy_anchor(1e-4, 1, 180, True, 10, 0.5, backbone="BNInception"),
-    "proxy_anchor_cars_bninception": proxy_anchor(1e-4, 1, 180, True, 20, 0.5, backbone="BNInception"),
-    "proxy_anchor_sop_bninception": proxy_anchor(6e-4, 1, 180, False, 20, 0.25, backbone="BNInception"),
-    "proxy_anchor_inshop_bninception": proxy_anchor(6e-4, 1, 180, False, 20, 0.25, backbone="BNInception"),
+    "proxy_anchor_cub_bninception": proxy_anchor(
+        1e-4, 1, 180, True, 10, 0.5, backbone="BNInception", bn_momentum=0.9
+    ),
+    "proxy_anchor_cars_bninception": proxy_anchor(
+        1e-4, 1, 180, True, 20, 0.5, backbone="BNInception", bn_momentum=0.9
+    ),
+    "proxy_anchor_sop_bninception": proxy_anchor(
+        6e-4, 1, 180, False, 20, 0.25, backbone="BNInception", bn_momentum=0.9
+    ),
+    "proxy_anchor_inshop_bninception": proxy_anchor(
+        6e-4, 1, 180, False, 20, 0.25, backbone="BNInception", bn_momentum=0.9
+    ),
     "antico_cub_bninception": Published(
         lr_factor={0: 1.0, 50: 1.0, 99: 1.0},
         epochs=100,
@@ -340,6 +350,8 @@ def test_recipe_gives_the_published_settings(compose_cfg, name):
     assert pool == pooling and backbone.freeze_bn == frozen
     batchnorm = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert all(p.requires_grad != frozen for m in batchnorm for p in m.parameters())
+    if card.bn_momentum is not None:
+        assert {m.momentum for m in batchnorm} == {card.bn_momentum}
 
     assert module.loss.weights == pytest.approx(card.terms)
     for key, value in card.settings.items():

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -68,8 +68,23 @@ def build_data_and_module(cfg: DictConfig) -> tuple[L.LightningDataModule, DMLMo
     """The datamodule and module of a run config; image datasets take the backbone's normalisation."""
     datamodule = instantiate(cfg.dataset)
     module = build_module(cfg)
+    data_config = getattr(module.backbone, "data_config", {})
     if hasattr(datamodule, "use_backbone_config"):
-        datamodule.use_backbone_config(getattr(module.backbone, "data_config", {}))
+        datamodule.use_backbone_config(data_config)
+        size = data_config.get("input_size", (0, 0, 0))[-1]
+        if getattr(module.backbone, "is_token_model", False) and datamodule.image_size != size:
+            raise UserError(
+                f"dataset.image_size={datamodule.image_size} but the ViT backbone takes {size} px: set "
+                f"backbone.img_size={datamodule.image_size} (position embeddings resized) or "
+                f"dataset.image_size={size}"
+            )
+    elif data_config.get("bgr_255"):
+        log.warning(
+            "backbone %s expects BGR 0-255 input, but dataset %s normalises its own way: its pretrained "
+            "weights will see other inputs than they were trained on",
+            type(module.backbone).__name__,
+            getattr(datamodule, "name", "?"),
+        )
     return datamodule, module
 
 
@@ -201,10 +216,19 @@ def load_checkpoint(ckpt_path: Path) -> tuple[DictConfig, dict[str, Any]]:
     evaluating must not need the network or the weights file that training started from."""
     payload = read_checkpoint(ckpt_path)
     run_cfg = OmegaConf.create(payload["dml_config"])
+    without_pretrained_weights(run_cfg)
+    dataset = run_cfg.get("dataset", {})
+    if "resize_size" in dataset and "interpolation" not in dataset:
+        with open_dict(run_cfg):  # written before dataset.interpolation existed: trained bilinear
+            run_cfg.dataset.interpolation = "bilinear"
+    return run_cfg, payload["state_dict"]
+
+
+def without_pretrained_weights(run_cfg: DictConfig) -> None:
+    """Rebuild a checkpoint's backbone without loading pretrained weights (the state dict has them all)."""
     for key, value in (("pretrained", False), ("pretrained_file", None)):
         if key in run_cfg.get("backbone", {}):
             run_cfg.backbone[key] = value
-    return run_cfg, payload["state_dict"]
 
 
 def _command_line_keys() -> list[str]:
@@ -247,6 +271,7 @@ def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
             OmegaConf.update(run_cfg, key, value, merge="." in key, force_add=True)
     if any(k.startswith("paths.") for k in keys) and not {"dataset", "dataset.root"} & set(keys):
         _move_data_root(run_cfg, cfg)
+    without_pretrained_weights(run_cfg)  # a backbone=... override brings its pretrained: true back
     L.seed_everything(run_cfg.get("seed", 0), workers=True)
     datamodule, module = build_data_and_module(run_cfg)
     try:

@@ -124,11 +124,14 @@ class TimmBackbone(Backbone):
 
     def layer_groups(self, weight_decay: float, layer_decay: float) -> list[dict]:
         """Parameter groups with layer-wise lr decay (timm's grouping of the model into layers): the last
-        layer gets ``lr_scale`` 1, each earlier one ``layer_decay`` times the next; biases and norms have
-        no weight decay."""
+        layer gets ``lr_scale`` 1, each earlier one ``layer_decay`` times the next; biases, norms and
+        the model's ``no_weight_decay`` parameters (position embedding, class token) have no weight decay."""
         from timm.optim import param_groups_layer_decay
 
-        return param_groups_layer_decay(self.model, weight_decay=weight_decay, layer_decay=layer_decay)
+        skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        return param_groups_layer_decay(
+            self.model, weight_decay=weight_decay, no_weight_decay_list=tuple(skip), layer_decay=layer_decay
+        )
 
 
 def _create_timm(name: str, pretrained: bool, pretrained_file: str | None, kwargs: dict) -> nn.Module:
@@ -138,7 +141,9 @@ def _create_timm(name: str, pretrained: bool, pretrained_file: str | None, kwarg
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         if "img_size" in kwargs and "img_size" in str(e):
-            raise UserError(f"backbone.img_size is for ViTs; {name} takes any input size: set it to null") from e
+            raise UserError(
+                f"backbone.img_size is for ViTs; {name} takes any input size: set it to null"
+            ) from e
         raise
     if pretrained_file:
         weights.load_file_into(model, pretrained_file, name)
@@ -218,7 +223,7 @@ class GoogLeNet(Backbone):
         self,
         pretrained: bool = False,
         pretrained_file: str | None = None,
-        pooling: Pooling = "avg",
+        pooling: Pooling = "avgmax",
         freeze_bn: bool = False,
         in_chans: int = 3,
     ):

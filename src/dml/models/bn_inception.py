@@ -62,26 +62,28 @@ BLOCKS = (
 class ConvBN(nn.Sequential):
     """Convolution (with bias) -> BatchNorm -> ReLU."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, momentum: float = 0.1):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2)
-        self.bn = nn.BatchNorm2d(cout)
+        self.bn = nn.BatchNorm2d(cout, momentum=momentum)
         self.relu = nn.ReLU(inplace=True)
 
 
 class InceptionBlock(nn.Module):
     """Branches 1x1, 1x1 -> 3x3, 1x1 -> 3x3 -> 3x3 and pool (-> 1x1), concatenated on channels."""
 
-    def __init__(self, spec: BlockSpec):
+    def __init__(self, spec: BlockSpec, momentum: float = 0.1):
         super().__init__()
-        s = spec
+        s, m = spec, momentum
         stride = 2 if s.pool == "max_s2" else 1
-        self.b1x1 = ConvBN(s.in_ch, s.b1x1, 1) if s.b1x1 else None
-        self.b3x3 = nn.Sequential(ConvBN(s.in_ch, s.reduce, 1), ConvBN(s.reduce, s.b3x3, 3, stride))
+        self.b1x1 = ConvBN(s.in_ch, s.b1x1, 1, momentum=m) if s.b1x1 else None
+        self.b3x3 = nn.Sequential(
+            ConvBN(s.in_ch, s.reduce, 1, momentum=m), ConvBN(s.reduce, s.b3x3, 3, stride, m)
+        )
         self.b3x3dbl = nn.Sequential(
-            ConvBN(s.in_ch, s.double_reduce, 1),
-            ConvBN(s.double_reduce, s.double, 3),
-            ConvBN(s.double, s.double, 3, stride),
+            ConvBN(s.in_ch, s.double_reduce, 1, momentum=m),
+            ConvBN(s.double_reduce, s.double, 3, momentum=m),
+            ConvBN(s.double, s.double, 3, stride, m),
         )
         if s.pool == "avg":
             self.pool = nn.AvgPool2d(3, stride=1, padding=1, ceil_mode=True, count_include_pad=True)
@@ -89,7 +91,7 @@ class InceptionBlock(nn.Module):
             self.pool = nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True)
         else:
             self.pool = nn.MaxPool2d(3, stride=2, ceil_mode=True)
-        self.pool_proj = ConvBN(s.in_ch, s.pool_proj, 1) if s.pool_proj else None
+        self.pool_proj = ConvBN(s.in_ch, s.pool_proj, 1, momentum=m) if s.pool_proj else None
         self.out_ch = s.b1x1 + s.b3x3 + s.double + (s.pool_proj or s.in_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +111,8 @@ class BNInception(Backbone):
         pretrained_file: ``bn_inception-52deb4733.pth`` (or a state dict with the same keys).
         pooling, freeze_bn: see :class:`~dml.models.backbones.Backbone`.
         in_chans: must be 3.
+        bn_momentum: BatchNorm momentum (PyTorch's convention: the weight of the batch's statistics);
+            Proxy-Anchor's code builds BN-Inception with 0.9, which matters where BatchNorm trains.
     """
 
     num_features = 1024
@@ -129,17 +133,19 @@ class BNInception(Backbone):
         pooling: Pooling = "avgmax",
         freeze_bn: bool = False,
         in_chans: int = 3,
+        bn_momentum: float = 0.1,
     ):
         super().__init__(pooling, freeze_bn)
         if in_chans != 3:
             raise UserError(f"BN-Inception takes 3 input channels (BGR); got backbone.in_chans={in_chans}")
+        m = bn_momentum
         self.stem = nn.Sequential()
-        self.stem.add_module("conv1", ConvBN(3, 64, 7, stride=2))
+        self.stem.add_module("conv1", ConvBN(3, 64, 7, stride=2, momentum=m))
         self.stem.add_module("pool1", nn.MaxPool2d(3, stride=2, ceil_mode=True))
-        self.stem.add_module("conv2_reduce", ConvBN(64, 64, 1))
-        self.stem.add_module("conv2", ConvBN(64, 192, 3))
+        self.stem.add_module("conv2_reduce", ConvBN(64, 64, 1, momentum=m))
+        self.stem.add_module("conv2", ConvBN(64, 192, 3, momentum=m))
         self.stem.add_module("pool2", nn.MaxPool2d(3, stride=2, ceil_mode=True))
-        self.blocks = nn.ModuleDict({spec.name: InceptionBlock(spec) for spec in BLOCKS})
+        self.blocks = nn.ModuleDict({spec.name: InceptionBlock(spec, m) for spec in BLOCKS})
         if pretrained_file:
             self.load_file(pretrained_file)
         elif pretrained:
@@ -195,7 +201,7 @@ class BNInception(Backbone):
                 continue
             value = state[file_key]
             if value.shape != own[key].shape:
-                if value.numel() != own[key].numel():
+                if value.shape != (1, *own[key].shape):  # the file's (1, C) BatchNorm vectors
                     raise UserError(
                         f"{source}: {file_key} has shape {tuple(value.shape)}, BN-Inception's "
                         f"{key} needs {tuple(own[key].shape)}"

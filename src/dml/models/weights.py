@@ -103,6 +103,7 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], name: str,
         except Exception as e:  # noqa: BLE001 - a filter fails on files of another architecture
             raise UserError(f"{source} does not fit backbone {name!r}: {type(e).__name__}: {e}") from e
     own = model.state_dict()
+    state = _adapt_first_conv(state, own, model.pretrained_cfg.get("first_conv"))
     classifier = model.pretrained_cfg.get("classifier") or "head"
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     state = {k: v for k, v in state.items() if k in own or not k.startswith(tuple(h + "." for h in heads))}
@@ -116,6 +117,20 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], name: str,
             f"(e.g. {wrong[:3]}); give the weights file of this architecture"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _adapt_first_conv(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], first_conv: str | tuple | None
+) -> dict[str, torch.Tensor]:
+    """RGB weights of the first convolution adapted to the model's input channels (``in_chans=1`` for
+    grayscale), as timm does when it downloads them."""
+    from timm.models import adapt_input_conv
+
+    for name in (first_conv,) if isinstance(first_conv, str) else tuple(first_conv or ()):
+        key = f"{name}.weight"
+        if key in state and key in own and state[key].ndim == 4 and state[key].shape[1] != own[key].shape[1]:
+            state = dict(state) | {key: adapt_input_conv(own[key].shape[1], state[key])}
+    return state
 
 
 def load_file_into(model: nn.Module, pretrained_file: str, name: str) -> None:
@@ -168,16 +183,24 @@ def cached_hub_file(name: str) -> Path | None:
 
 def reachable(url: str, timeout: float = 3.0) -> bool:
     """Whether ``url``'s host answers a TCP connection within ``timeout`` (no request is sent)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if offline_by_setting():
         return False
     parsed = urlparse(url)
     if not parsed.hostname:
         return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("HTTP_PROXY"):
+        return True  # through a proxy: let the download itself tell
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
     try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def offline_by_setting() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` asks for no downloads (the package honours it for every weights URL)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 def url_state_dict(url: str, name: str) -> dict[str, torch.Tensor]:
@@ -198,9 +221,14 @@ def url_state_dict(url: str, name: str) -> dict[str, torch.Tensor]:
 def offline_message(name: str, source: str = "") -> str:
     """What to fetch and which key to set, for a backbone whose weights cannot be downloaded here."""
     source = source or hub_source(name) or f"the pretrained weights of {name}"
+    why = (
+        "HF_HUB_OFFLINE=1 is set (unset it to download)"
+        if offline_by_setting()
+        else "the host is unreachable"
+    )
     return (
-        f"backbone.pretrained=true needs the weights of {name!r}, and they cannot be downloaded here (no "
-        f"network, or HF_HUB_OFFLINE is set) nor are they in a local cache. Fetch {source} on a "
+        f"backbone.pretrained=true needs the weights of {name!r}; they are in no local cache and cannot be "
+        f"downloaded: {why}. Fetch {source} on a "
         f"machine with network and set backbone.pretrained_file=/path/to/{Path(urlparse(source).path).name or 'weights'}"
         " (or train from random weights with backbone.pretrained=false)."
     )
