@@ -12,7 +12,15 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "prepare.py": "prepare"}
+SCRIPTS = {
+    "train.py": "train",
+    "evaluate.py": "evaluate",
+    "prepare.py": "prepare",
+    "embed.py": "embed",
+    "index.py": "index",
+    "search.py": "search",
+    "export.py": "export",
+}
 
 
 def readme_commands() -> list[str]:
@@ -21,7 +29,9 @@ def readme_commands() -> list[str]:
     return [
         line
         for line in lines
-        if re.search(r"\b(train|evaluate|prepare)\.py\b|^make (train|evaluate|data)\b", line)
+        if re.search(
+            r"\b(train|evaluate|prepare|embed|index|search|export)\.py\b|^make (train|evaluate|data)\b", line
+        )
     ]
 
 
