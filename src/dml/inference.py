@@ -289,9 +289,10 @@ class Embedder:
         with _progress(progress, len(data), f"embedding {split}") as advance:
             for start in range(0, len(data), batch_size):
                 items = [data[i][0] for i in range(start, min(start + batch_size, len(data)))]
-                images = (
-                    transform(EncodedBatch(items, train=False), "cpu") if transform else torch.stack(items)
-                )
+                if transform is not None:  # decoded where the model runs (nvJPEG on a GPU)
+                    images = transform(EncodedBatch(items, train=False), self.device)
+                else:
+                    images = torch.stack(items)
                 chunks.append(self.embed_batch(images))
                 advance(len(items))
         names = [f"{self.dataset_name}:{split}/{i}" for i in range(len(data))]

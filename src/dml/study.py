@@ -17,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.stats import t as t_dist
 
 from dml.config import compose, conf_dir
-from dml.data.fast_path import EncodedBatch
 from dml.errors import UserError
 from dml.evaluation import collapse_metrics, knn, retrieval_metrics, singular_values
 from dml.evaluation.pictures import embedding_map, split_retrievals
 from dml.functional import coding_rate
+from dml.inference import Embedder
 from dml.losses import AntiCoLoss, ProxyBank
 from dml.runs import write_atomic
 from dml.tasks import build_data_and_module, load_checkpoint, train
@@ -104,25 +104,12 @@ def train_run(name: str, overrides: Sequence[str], output_dir: str | Path) -> Ru
     return Run(name, cfg, metrics, best[-1], Path(cfg.paths.output_dir))
 
 
-@torch.no_grad()
 def embed(checkpoint: str | Path, split: str = "test", batch_size: int = 500) -> Embedded:
     """Embed a split (``train``, ``val``, ``heldout`` or ``test``) with a checkpoint written by ``train.py``."""
-    run_cfg, state_dict = load_checkpoint(Path(checkpoint))
-    datamodule, module = build_data_and_module(run_cfg)
-    module.load_state_dict(state_dict)
-    module.eval()
-    datamodule.setup("test")
-    data = datamodule.splits[split]
-    outputs = []
-    transform = datamodule.batch_transform() if datamodule.fast else None  # items are encoded bytes
-    for start in range(0, len(data), batch_size):
-        items = [data[i][0] for i in range(start, min(start + batch_size, len(data)))]
-        if transform is not None:
-            images = transform(EncodedBatch(items, train=False), "cpu")
-        else:
-            images = torch.stack(items)
-        outputs.append(module(images))
-    return Embedded(torch.cat(outputs), data.labels.clone(), data, dict(data.extra_labels), module.metric)
+    embedder = Embedder.from_checkpoint(checkpoint, device="cpu")
+    out = embedder.embed_split(split, batch_size=batch_size, progress=False)
+    data = embedder.datamodule.splits[split]
+    return Embedded(out.vectors, out.labels, data, dict(data.extra_labels), embedder.metric)
 
 
 def antico_probe(
