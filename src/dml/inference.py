@@ -14,10 +14,12 @@ transform, so that what is searched is exactly what ``evaluate.py`` scored.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ EMBEDDINGS_FORMAT = "dml-embeddings/1"
 INDEX_FORMAT = "dml-index/1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLITS = ("train", "val", "heldout", "test")
+ROLES = {"query": 0, "gallery": 1}  # RawSplit.roles
 
 
 def file_sha256(path: str | Path) -> str:
@@ -50,27 +53,41 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _refuse_existing(path: Path, key: str, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
+def _refuse_existing(path: Path, key: str, overwrite: bool, marker: str | None = None) -> None:
+    """Refuse to replace what is at ``path`` unless ``overwrite``; even then, only what this package wrote
+    (a file for a file; a folder holding ``marker`` for a folder), never a user's other data."""
+    if not path.exists():
+        return
+    if not overwrite:
         raise UserError(f"{key}={str(path)!r} already exists; choose another path or set overwrite=true")
+    if marker is None and path.is_dir():
+        raise UserError(f"{key}={str(path)!r} is a folder; give the path of a file")
+    if marker is not None and not (path / marker).is_file():
+        raise UserError(
+            f"{key}={str(path)!r} exists and is not an output of this package (no {marker}): refusing to "
+            "replace it even with overwrite=true; choose another path"
+        )
 
 
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write; renamed to ``path`` only when the block ends normally,
-    removed otherwise (a stopped run leaves nothing that looks complete)."""
+    """A temporary sibling of ``path`` to write; it replaces ``path`` only when the block ends normally
+    (the old one moved aside first, deleted last), and is removed otherwise: a stopped run leaves
+    nothing that looks complete, and the old output stays until the new one is in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
     try:
         yield tmp
-        if path.is_dir() and tmp.is_dir():
-            shutil.rmtree(path)
+        if path.exists():
+            os.replace(path, aside)
         os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, aside):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.exists():
+                leftover.unlink()
 
 
 # --- embeddings files ---------------------------------------------------------------------------------
@@ -182,10 +199,28 @@ class Embedder:
     Use :meth:`from_checkpoint`; the model runs on ``device`` (``auto``: the GPU when there is one).
     """
 
-    def __init__(self, module: nn.Module, datamodule: Any, checkpoint: Path, device: str = "auto"):
+    def __init__(
+        self,
+        module: nn.Module,
+        datamodule: Any,
+        checkpoint: Path,
+        device: str = "auto",
+        precision: str = "32-true",
+    ):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        # As evaluate.py runs the model: at the training precision, and (image files on a GPU, with
+        # dataset.pipeline=auto) through the fast path's decoding.
+        self.autocast = {
+            "bf16-mixed": torch.bfloat16,
+            "bf16-true": torch.bfloat16,
+            "16-mixed": torch.float16,
+        }.get(str(precision))
+        if self.autocast is torch.float16 and self.device.type != "cuda":
+            self.autocast = None
+        if getattr(datamodule, "pipeline", None) == "auto" and getattr(datamodule, "fast_by_default", False):
+            datamodule.pipeline = "fast" if self.device.type == "cuda" else "classic"
         self.module = module.eval().to(self.device)
         self.datamodule = datamodule
         self.checkpoint = str(checkpoint)
@@ -195,17 +230,22 @@ class Embedder:
         self._file_transform: Callable[[Image.Image], torch.Tensor] | None = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Embedder:
-        """The model and test transform of a checkpoint written by ``train.py``."""
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", dataset_root: str | None = None
+    ) -> Embedder:
+        """The model and test transform of a checkpoint written by ``train.py``; ``dataset_root``: where its
+        dataset is now, if it moved since training (only splits need it)."""
         from dml.tasks import build_data_and_module, load_checkpoint
 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"ckpt_path={str(path)!r} does not exist; give a checkpoint written by train.py")
         run_cfg, state_dict = load_checkpoint(path)
+        if dataset_root is not None:
+            run_cfg.dataset.root = str(dataset_root)
         datamodule, module = build_data_and_module(run_cfg)
         module.load_state_dict(state_dict)
-        return cls(module, datamodule, path, device)
+        return cls(module, datamodule, path, device, run_cfg.get("trainer", {}).get("precision", "32-true"))
 
     @property
     def dim(self) -> int:
@@ -221,8 +261,7 @@ class Embedder:
             if isinstance(dm, FileBenchmark):
                 self._file_transform = _RGBThen(test)
             else:
-                dm.setup("test")
-                channels, height, width = dm.splits["test"].raw_image(0).shape
+                channels, height, width = dm.image_shape  # tensor datasets: no need to load them
                 self._file_transform = _TensorLike(channels, height, width, test)
         return self._file_transform
 
@@ -230,7 +269,8 @@ class Embedder:
     @torch.no_grad()
     def embed_batch(self, images: torch.Tensor) -> torch.Tensor:
         """A preprocessed (B, C, H, W) batch -> (B, d) float32 embeddings on the CPU."""
-        return self.module(images.to(self.device)).float().cpu()
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.module(images.to(self.device)).float().cpu()
 
     def embed_files(
         self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0, progress: bool = True
@@ -250,7 +290,7 @@ class Embedder:
                     order += ids
                     chunks.append(self.embed_batch(images))
                 for i, error in bad:
-                    skipped.append({"path": str(paths[i]), "error": error})
+                    skipped.append({"path": str(paths[i].resolve()), "error": error})
                     log.warning("skipped %s: %s", paths[i], error)
                 advance(len(ids) + len(bad))
         if not order:
@@ -276,44 +316,73 @@ class Embedder:
         return self.embed_files(paths, **kwargs)
 
     @torch.no_grad()
-    def embed_split(self, split: str = "test", batch_size: int = 256, progress: bool = True) -> Embeddings:
-        """Embed a split of the checkpoint's dataset (``train``, ``val``, ``heldout`` or ``test``) exactly as
-        the evaluation does (the fast path's decoding where the run used it), with its class ids."""
+    def embed_split(
+        self,
+        split: str = "test",
+        role: str | None = None,
+        batch_size: int | None = None,
+        progress: bool = True,
+    ) -> Embeddings:
+        """Embed a split of the checkpoint's dataset (``train``, ``val``, ``heldout`` or ``test``) as the
+        evaluation does: its loader (workers, the fast path's decoding on a GPU), with the class ids.
+
+        ``role``: ``query`` or ``gallery``, for splits searched query against gallery (In-Shop): embed the
+        gallery for the index and the queries to search, as ``evaluate.py`` does.
+        """
         dm = self.datamodule
         dm.setup("test")
         if split not in dm.splits:
             raise UserError(f"split {split!r} is not in dataset {self.dataset_name}: {', '.join(dm.splits)}")
         data = dm.splits[split]
-        transform = dm.batch_transform() if getattr(dm, "fast", False) else None  # items are encoded bytes
+        positions = torch.arange(len(data))
+        if role is not None:
+            if data.roles is None:
+                raise UserError(
+                    f"split {split!r} of {self.dataset_name} has no query/gallery roles: drop ':{role}'"
+                )
+            if role not in ROLES:
+                raise UserError(f"{split}:{role}: the role must be query or gallery")
+            positions = torch.nonzero(data.roles == ROLES[role]).flatten()
+        elif data.roles is not None:
+            log.warning(
+                "split %s of %s has query and gallery roles, and evaluate.py searches its queries against its "
+                "gallery: use %s:gallery for the index and %s:query as the query to do the same",
+                split,
+                self.dataset_name,
+                split,
+                split,
+            )
+        subset = data if role is None else torch.utils.data.Subset(data, positions.tolist())
+        loader = dm._loader(subset, batch_size=batch_size or dm.eval_batch_size, shuffle=False)
         chunks = []
-        with _progress(progress, len(data), f"embedding {split}") as advance:
-            for start in range(0, len(data), batch_size):
-                items = [data[i][0] for i in range(start, min(start + batch_size, len(data)))]
-                if transform is not None:  # decoded where the model runs (nvJPEG on a GPU)
-                    images = transform(EncodedBatch(items, train=False), self.device)
-                else:
-                    images = torch.stack(items)
+        with _progress(progress, len(subset), f"embedding {split}") as advance:
+            for images, _, _ in loader:
+                if isinstance(images, EncodedBatch):  # the fast path: decoded where the model runs
+                    images = dm._batch_transform(images, self.device)
                 chunks.append(self.embed_batch(images))
-                advance(len(items))
-        names = [f"{self.dataset_name}:{split}/{i}" for i in range(len(data))]
+                advance(len(chunks[-1]))
+        names = [f"{self.dataset_name}:{split}/{i}" for i in positions.tolist()]
         return Embeddings(
             torch.cat(chunks),
             names,
-            data.labels.clone(),
+            data.labels[positions].clone(),
             self.checkpoint,
             self.checkpoint_sha256,
             self.metric,
         )
 
     def embed(self, images: str, **kwargs: Any) -> Embeddings:
-        """``images``: a split name, an image folder, or one image file."""
-        if images in SPLITS:
-            return self.embed_split(images, **{k: v for k, v in kwargs.items() if k != "num_workers"})
+        """``images``: an image folder, one image file, or a split (``test``, or ``test:query`` /
+        ``test:gallery`` for query/gallery splits). A path that exists wins over a split's name."""
         path = Path(images)
         if path.is_dir():
             return self.embed_folder(path, **kwargs)
         if path.is_file():
             return self.embed_files([path], **kwargs)
+        split, _, role = images.partition(":")
+        if split in SPLITS:
+            kwargs.pop("num_workers", None)  # the dataset's own loader settings
+            return self.embed_split(split, role or None, **kwargs)
         raise UserError(
             f"images={images!r} is neither an image file, a folder, nor a split ({', '.join(SPLITS)})"
         )
@@ -447,26 +516,32 @@ class Index:
         n, d = x.shape
         inner = embeddings.metric == "cosine"
         metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
-        rng = np.random.default_rng(seed)
-        held = rng.choice(n, size=min(recall_queries, n), replace=False) if kind != "flat" else np.array([])
         params: dict[str, Any] = {}
-        if kind == "flat":
-            index = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
-        elif kind == "ivf":
+        if kind == "ivf":
             nlist = nlist or max(1, int(4 * np.sqrt(n)))
-            if nlist > n - len(held):
-                raise UserError(f"nlist={nlist} is more than the {n - len(held)} vectors to train the IVF on")
-            quantizer = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
-            train = np.delete(x, held, axis=0) if len(held) < n else x
-            index.train(train)
-            index.nprobe = min(nprobe, nlist)
-            params = {"nlist": nlist, "nprobe": index.nprobe}
-        else:
-            index = faiss.IndexHNSWFlat(d, hnsw_m, metric)
-            index.hnsw.efSearch = ef_search
+            if nlist > n:
+                raise UserError(
+                    f"nlist={nlist} is more than the {n} vectors to train the IVF on; lower nlist"
+                )
+            params = {"nlist": nlist, "nprobe": min(nprobe, nlist)}
+        elif kind == "hnsw":
             params = {"hnsw_m": hnsw_m, "ef_search": ef_search}
-        index.add(x)
+
+        def new(rows: np.ndarray) -> Any:
+            """The index of ``kind`` over ``rows`` (IVF cells trained on them)."""
+            if kind == "flat":
+                index = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
+            elif kind == "ivf":
+                quantizer = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
+                index = faiss.IndexIVFFlat(quantizer, d, params["nlist"], metric)
+                index.train(rows)
+                index.nprobe = params["nprobe"]
+            else:
+                index = faiss.IndexHNSWFlat(d, hnsw_m, metric)
+                index.hnsw.efSearch = ef_search
+            index.add(rows)
+            return index
+
         meta = {
             "format": INDEX_FORMAT,
             "kind": kind,
@@ -479,13 +554,22 @@ class Index:
             "checkpoint_sha256": embeddings.checkpoint_sha256,
             "recall_vs_exact": None,
         }
-        built = cls(index, meta)
-        if len(held):
+        if kind != "flat":
+            # Recall against exact search on held-out rows: an index of the other rows (cells trained on
+            # them), searched with the held-out ones, which are in neither result.
+            held = np.random.default_rng(seed).choice(
+                n, size=max(1, min(recall_queries, n // 10)), replace=False
+            )
+            rest = np.delete(x, held, axis=0)
+            if kind == "ivf" and params["nlist"] > len(rest):
+                raise UserError(
+                    f"nlist={params['nlist']} is more than the {len(rest)} vectors to train on; lower nlist"
+                )
+            k = min(recall_k, len(rest))
             exact = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
-            exact.add(x)
-            k = min(recall_k, n)
+            exact.add(rest)
             _, truth = exact.search(x[held], k)
-            _, found = index.search(x[held], k)
+            _, found = new(rest).search(x[held], k)
             hits = [len(set(a) & set(b)) / k for a, b in zip(truth.tolist(), found.tolist(), strict=True)]
             meta["recall_vs_exact"] = {"k": k, "queries": len(held), "recall": float(np.mean(hits))}
             log.info(
@@ -495,13 +579,13 @@ class Index:
                 meta["recall_vs_exact"]["recall"],
                 len(held),
             )
-        return built
+        return cls(new(x), meta)
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """``folder/index.faiss`` and ``folder/meta.json``, written together (atomically)."""
         faiss = _faiss()
         folder = Path(folder)
-        _refuse_existing(folder, "out", overwrite)
+        _refuse_existing(folder, "out", overwrite, marker="meta.json")
         index = faiss.index_gpu_to_cpu(self.index) if _on_gpu(self.index) else self.index
         with _atomic_path(folder) as tmp:
             tmp.mkdir(parents=True)
@@ -573,9 +657,11 @@ class Index:
         scores, ids = self.index.search(np.ascontiguousarray(q.numpy()), k + extra)
         scores, ids = torch.from_numpy(scores), torch.from_numpy(ids).long()
         if exclude is not None:
-            own = torch.as_tensor(list(exclude), dtype=torch.long)[:, None]
+            # -2 marks "not in the index" (faiss pads missing neighbours with -1); each row keeps its
+            # first k entries that are not the query itself.
+            own = torch.as_tensor([i if i >= 0 else -2 for i in exclude], dtype=torch.long)[:, None]
             keep = ids != own
-            keep[keep.all(dim=1), -1] = False  # own row not among them: drop the last instead
+            keep &= keep.cumsum(1) <= k
             ids, scores = ids[keep].view(len(q), k), scores[keep].view(len(q), k)
         euclidean = self.meta["metric"] != "cosine"
         if euclidean:
@@ -643,8 +729,9 @@ def export(
     if unknown or not formats:
         raise UserError(f"formats={list(formats)}: choose from onnx, torchscript")
     out = Path(out)
-    _refuse_existing(out, "out", overwrite)
-    model = EmbeddingModel(embedder.module.backbone, embedder.module.head).cpu().eval()
+    _refuse_existing(out, "out", overwrite, marker="preprocessing.json")
+    # A copy on the CPU: the embedder's own model stays where it runs.
+    model = copy.deepcopy(EmbeddingModel(embedder.module.backbone, embedder.module.head)).cpu().eval()
     pre = preprocessing(embedder)
     size = pre.get("center_crop") or pre["resize"]
     channels = 1 if pre["channel_order"] == "gray" else 3
@@ -670,7 +757,10 @@ def export(
             )
             written["onnx"] = out / "model.onnx"
         if "torchscript" in formats:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter(
+                    "ignore", FutureWarning
+                )  # torch.jit is deprecated, TorchScript files are not
                 traced = torch.jit.trace(model, example)
             traced.save(str(tmp / "model.torchscript.pt"))
             written["torchscript"] = out / "model.torchscript.pt"

@@ -388,6 +388,12 @@ def run_cli(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)  # noqa: T201 - the message a user must see
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print(
+            f"error: {cfg.get('task_name', 'the run')} interrupted; nothing it was writing was left behind",
+            file=sys.stderr,
+        )  # noqa: T201
+        sys.exit(130)
     except Exception as e:
         user_error = _find_user_error(e)
         if _is_multirun():

@@ -24,7 +24,7 @@ def embed_task(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:  # before any work: nothing finished is overwritten
         raise UserError(f"out={str(out)!r} already exists; choose another path or set overwrite=true")
-    embedder = Embedder.from_checkpoint(cfg.ckpt_path, device=cfg.device)
+    embedder = Embedder.from_checkpoint(cfg.ckpt_path, device=cfg.device, dataset_root=cfg.dataset_root)
     embeddings = embedder.embed(
         str(cfg.images), batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True
     )
@@ -66,7 +66,7 @@ def index_task(cfg: DictConfig) -> dict[str, float]:
 
 def _query_embeddings(embedder: Embedder, cfg: DictConfig) -> Embeddings:
     query = str(cfg.query)
-    if query not in SPLITS and not Path(query).exists():
+    if query.partition(":")[0] not in SPLITS and not Path(query).exists():
         raise UserError(
             f"query={query!r} is neither an image file, a folder, nor a split ({', '.join(SPLITS)})"
         )
@@ -75,13 +75,18 @@ def _query_embeddings(embedder: Embedder, cfg: DictConfig) -> Embeddings:
 
 def search_task(cfg: DictConfig) -> dict[str, float]:
     """Embed ``cfg.query`` with the index's model, search, print, and write results.json and results.html."""
+    out = Path(cfg.out)
+    if (out / "results.json").exists() and not cfg.overwrite:
+        raise UserError(
+            f"out={str(out)!r} already holds results.json; choose another folder or set overwrite=true"
+        )
     index = Index.load(cfg.index)
     checkpoint = Path(cfg.ckpt_path or index.meta["checkpoint"])
     if not checkpoint.is_file():
         raise UserError(
             f"the index's model {index.meta['checkpoint']} is not there any more; give its checkpoint with ckpt_path=..."
         )
-    embedder = Embedder.from_checkpoint(checkpoint, device=cfg.device)
+    embedder = Embedder.from_checkpoint(checkpoint, device=cfg.device, dataset_root=cfg.dataset_root)
     index.check_model(embedder.checkpoint_sha256, what=f"checkpoint {checkpoint}'s embeddings")
     queries = _query_embeddings(embedder, cfg)
     position = {name: i for i, name in enumerate(index.names)}

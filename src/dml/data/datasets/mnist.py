@@ -131,6 +131,11 @@ class MNISTDataModule(RetrievalDataModule):
             out[split] = RawSplit(TensorSource(images[mask].contiguous()), digits[mask])
         return out
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of its images."""
+        return (self.channels, 28, 28)
+
     def train_label_of(self, class_ids: torch.Tensor) -> torch.Tensor:
         return class_ids % 2 if self.label_mode == "parity" else class_ids
 

@@ -87,6 +87,11 @@ class SyntheticDataModule(RetrievalDataModule):
             seed=data_seed,
         )
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of its images."""
+        return (self.gen["channels"], self.gen["image_size"], self.gen["image_size"])
+
     def load_raw(self) -> dict[str, RawSplit]:
         images, labels = make_synthetic(**self.gen)
         train = labels < self.train_classes
