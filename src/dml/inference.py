@@ -371,9 +371,10 @@ class Embedder:
             self.metric,
         )
 
-    def embed(self, images: str, **kwargs: Any) -> Embeddings:
+    def embed(self, images: str, key: str = "images", **kwargs: Any) -> Embeddings:
         """``images``: an image folder, one image file, or a split (``test``, or ``test:query`` /
-        ``test:gallery`` for query/gallery splits). A path that exists wins over a split's name."""
+        ``test:gallery`` for query/gallery splits). A path that exists wins over a split's name.
+        ``key``: the setting that gave ``images``, named in the error."""
         path = Path(images)
         if path.is_dir():
             return self.embed_folder(path, **kwargs)
@@ -384,7 +385,7 @@ class Embedder:
             kwargs.pop("num_workers", None)  # the dataset's own loader settings
             return self.embed_split(split, role or None, **kwargs)
         raise UserError(
-            f"images={images!r} is neither an image file, a folder, nor a split ({', '.join(SPLITS)})"
+            f"{key}={images!r} is neither an image file, a folder, nor a split ({', '.join(SPLITS)})"
         )
 
     def picture(self, name: str) -> Image.Image | None:

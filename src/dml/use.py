@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from dml.errors import UserError
-from dml.inference import SPLITS, Embedder, Embeddings, Index, SearchResult, export
+from dml.inference import Embedder, Embeddings, Index, SearchResult, export
 from dml.log import get_logger
 
 log = get_logger(__name__)
@@ -64,15 +64,6 @@ def index_task(cfg: DictConfig) -> dict[str, float]:
     return {"size": float(len(index))} | ({"recall_vs_exact": recall["recall"]} if recall else {})
 
 
-def _query_embeddings(embedder: Embedder, cfg: DictConfig) -> Embeddings:
-    query = str(cfg.query)
-    if query.partition(":")[0] not in SPLITS and not Path(query).exists():
-        raise UserError(
-            f"query={query!r} is neither an image file, a folder, nor a split ({', '.join(SPLITS)})"
-        )
-    return embedder.embed(query, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True)
-
-
 def search_task(cfg: DictConfig) -> dict[str, float]:
     """Embed ``cfg.query`` with the index's model, search, print, and write results.json and results.html."""
     out = Path(cfg.out)
@@ -88,7 +79,9 @@ def search_task(cfg: DictConfig) -> dict[str, float]:
         )
     embedder = Embedder.from_checkpoint(checkpoint, device=cfg.device, dataset_root=cfg.dataset_root)
     index.check_model(embedder.checkpoint_sha256, what=f"checkpoint {checkpoint}'s embeddings")
-    queries = _query_embeddings(embedder, cfg)
+    queries = embedder.embed(
+        str(cfg.query), key="query", batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True
+    )
     position = {name: i for i, name in enumerate(index.names)}
     own = [position.get(name, -1) for name in queries.names]
     result = index.search(queries.vectors, cfg.k, exclude=own if any(i >= 0 for i in own) else None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import timm
@@ -239,11 +238,7 @@ class GoogLeNet(Backbone):
         net.avgpool, net.dropout, net.fc = nn.Identity(), nn.Identity(), nn.Identity()
         self.net = net
         if pretrained_file:
-            path = Path(pretrained_file).expanduser()
-            if not path.is_file():
-                raise UserError(
-                    f"backbone.pretrained_file={pretrained_file!r} does not exist; fetch {self.WEIGHTS_URL}"
-                )
+            path = weights.pretrained_path(pretrained_file, f"fetch {self.WEIGHTS_URL}")
             self._load(weights.read_state_dict(path), f"backbone.pretrained_file={pretrained_file!r}")
         elif pretrained:
             self._load(weights.url_state_dict(self.WEIGHTS_URL, "googlenet"), self.WEIGHTS_URL)
@@ -252,13 +247,7 @@ class GoogLeNet(Backbone):
 
     def _load(self, state: dict[str, torch.Tensor], source: str) -> None:
         state = {k: v for k, v in state.items() if not k.startswith(self.IGNORED)}
-        own = self.net.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise UserError(
-                f"{source} is not torchvision's GoogLeNet: {len(missing)} keys missing (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-            )
+        weights.check_keys(set(self.net.state_dict()), set(state), source, "is not torchvision's GoogLeNet")
         self.net.load_state_dict(state, strict=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -166,11 +166,7 @@ class BNInception(Backbone):
 
     def load_file(self, path: str | Path) -> None:
         """Load the converted weights file (see :func:`load_file_state_dict`)."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise UserError(
-                f"backbone.pretrained_file={str(path)!r} does not exist; fetch {WEIGHTS_URL} and give its path"
-            )
+        path = weights.pretrained_path(str(path), f"fetch {WEIGHTS_URL} and give its path")
         self.load_file_state_dict(
             weights.read_state_dict(path), source=f"backbone.pretrained_file={str(path)!r}"
         )
@@ -182,17 +178,13 @@ class BNInception(Backbone):
         accepted. ``last_linear`` (the ImageNet classifier) is ignored.
         """
         mapping = file_key_map(self)
-        file_keys = set(state) - set(FILE_CLASSIFIER)
-        missing = sorted(
-            f for k, f in mapping.items() if f not in state and not k.endswith("num_batches_tracked")
+        weights.check_keys(
+            set(mapping.values()),
+            set(state) - set(FILE_CLASSIFIER),
+            source,
+            f"is not a BN-Inception weights file like {WEIGHTS_FILE}",
+            optional={f for k, f in mapping.items() if k.endswith("num_batches_tracked")},
         )
-        unexpected = sorted(file_keys - set(mapping.values()))
-        if missing or unexpected:
-            raise UserError(
-                f"{source} is not a BN-Inception weights file like {WEIGHTS_FILE}: "
-                f"{len(missing)} keys missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                f"(e.g. {unexpected[:3]})"
-            )
         own = self.state_dict()
         loaded = {}
         for key, file_key in mapping.items():

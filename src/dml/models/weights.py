@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -45,6 +46,34 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def pretrained_path(pretrained_file: str, fetch: str) -> Path:
+    """``backbone.pretrained_file`` as a path to an existing file; else one message saying what to give."""
+    path = Path(pretrained_file).expanduser()
+    if not path.is_file():
+        raise UserError(f"backbone.pretrained_file={pretrained_file!r} does not exist; {fetch}")
+    return path
+
+
+def check_keys(
+    expected: set[str],
+    found: set[str],
+    source: str,
+    what: str,
+    optional: set[str] = frozenset(),
+    wrong: Sequence[str] = (),
+) -> None:
+    """Refuse a weights file that misses an ``expected`` key (``optional`` ones aside), has one more, or
+    one of another shape (``wrong``), listing a few of each."""
+    missing = sorted(expected - found - optional)
+    unexpected = sorted(found - expected)
+    if missing or unexpected or wrong:
+        shapes = f", {len(wrong)} of another shape (e.g. {list(wrong[:3])})" if wrong else ""
+        raise UserError(
+            f"{source} {what}: {len(missing)} keys missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}){shapes}; give the weights file of this architecture"
+        )
 
 
 def from_lukemelas_efficientnet(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,15 +136,8 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], name: str,
     classifier = model.pretrained_cfg.get("classifier") or "head"
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     state = {k: v for k, v in state.items() if k in own or not k.startswith(tuple(h + "." for h in heads))}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise UserError(
-            f"{source} does not fit backbone {name!r}: {len(missing)} keys missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape "
-            f"(e.g. {wrong[:3]}); give the weights file of this architecture"
-        )
+    check_keys(set(own), set(state), source, f"does not fit backbone {name!r}", wrong=wrong)
     model.load_state_dict(state, strict=True)
 
 
@@ -135,12 +157,10 @@ def _adapt_first_conv(
 
 def load_file_into(model: nn.Module, pretrained_file: str, name: str) -> None:
     """Load ``backbone.pretrained_file`` into a timm model (see :func:`load_state_into`)."""
-    path = Path(pretrained_file).expanduser()
-    if not path.is_file():
-        raise UserError(
-            f"backbone.pretrained_file={pretrained_file!r} does not exist; give the path of a weights file"
-            f"{' (' + hub_source(name) + ')' if hub_source(name) else ''}"
-        )
+    source = hub_source(name)
+    path = pretrained_path(
+        pretrained_file, f"give the path of a weights file{f' ({source})' if source else ''}"
+    )
     if path.suffix == ".npz":  # big_vision checkpoints (the ImageNet-21k ViTs): timm reads them itself
         if not hasattr(model, "load_pretrained"):
             raise UserError(f"backbone.pretrained_file={pretrained_file!r}: .npz weights load only into ViTs")
