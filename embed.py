@@ -1,9 +1,11 @@
 """Embed images with a trained model: python embed.py ckpt_path=<ckpt> images=<folder | image | split>."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from dml.tasks import run_cli
+from dml.command import check_command_line, run_cli
 from dml.use import embed_task
 
 
@@ -13,4 +15,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

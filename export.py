@@ -1,9 +1,11 @@
 """Export a trained model to ONNX and TorchScript: python export.py ckpt_path=<ckpt>."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from dml.tasks import run_cli
+from dml.command import check_command_line, run_cli
 from dml.use import export_task
 
 
@@ -13,4 +15,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

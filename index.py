@@ -1,9 +1,11 @@
 """Build a faiss index of an embeddings file: python index.py embeddings=<file> [kind=flat|ivf|hnsw]."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from dml.tasks import run_cli
+from dml.command import check_command_line, run_cli
 from dml.use import index_task
 
 
@@ -13,4 +15,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

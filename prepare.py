@@ -1,9 +1,12 @@
 """Prepare a dataset without training: python prepare.py dataset=<name> (make data DATA=<name>)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from dml.tasks import prepare, run_cli
+from dml.command import check_command_line, run_cli
+from dml.tasks import prepare
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prepare")
@@ -12,4 +15,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

@@ -253,7 +253,7 @@ def test_a_one_image_test_split_keeps_its_metrics_and_pictures(tmp_path):
 
 
 def test_unreadable_image_message_from_a_loader_worker_is_the_message_alone():
-    from dml.tasks import _user_message
+    from dml.command import user_message as _user_message
 
     wrapped = UserError(
         "Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"

@@ -94,6 +94,13 @@ def claim_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool) -> N
     check_writable(output_dir, "hydra.run.dir=<folder>")
     if _resumes_inside(output_dir, ckpt_path):
         return
+    replaced = output_dir / REPLACED
+    if replaced.is_dir() and not overwrite:
+        raise UserError(
+            f"the run folder {output_dir} holds a finished run, set aside in {replaced} by an overwrite=true "
+            "run that did not finish; nothing was changed. Replace it with overwrite=true, train into a new "
+            f"folder (drop hydra.run.dir), or take it back: {restore_hint(output_dir)}"
+        )
     finished = [name for name in FINISHED_OUTPUTS if (output_dir / name).exists()]
     if finished and not overwrite:
         raise UserError(
@@ -104,7 +111,6 @@ def claim_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool) -> N
     found = [name for name in (*FINISHED_OUTPUTS, *OTHER_OUTPUTS) if (output_dir / name).exists()]
     if not found:
         return
-    replaced = output_dir / REPLACED
     if finished and not replaced.exists():
         replaced.mkdir()
         for name in found:
@@ -117,6 +123,26 @@ def claim_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool) -> N
         path = output_dir / name
         if name not in (".hydra", "train.log"):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def restore_hint(output_dir: Path) -> str:
+    """How to take back the run that ``overwrite=true`` set aside in ``<output_dir>/.replaced``."""
+    return (
+        f"delete everything else in {output_dir}, then move what {output_dir / REPLACED} holds (hidden files "
+        f"too) back into {output_dir}"
+    )
+
+
+def replaced_note(output_dir: Path) -> str | None:
+    """What a failed or stopped run says when it was replacing a finished run (``overwrite=true``): where
+    that run is kept, and how to take it back; ``None`` when it replaced nothing."""
+    replaced = output_dir / REPLACED
+    if not replaced.is_dir():
+        return None
+    return (
+        f"The finished run this one was to replace is kept as it was in {replaced}: it is removed only when a "
+        f"run in this folder finishes with overwrite=true. To take it back, {restore_hint(output_dir)}."
+    )
 
 
 def release_replaced(output_dir: Path) -> None:
@@ -237,20 +263,6 @@ def _get(tree: Any, key: str) -> Any:
             return None
         tree = tree[part]
     return tree
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` and rename it into place: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # a name of its own per process
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as e:
-        with contextlib.suppress(OSError):  # a read-only folder refuses even this
-            tmp.unlink(missing_ok=True)
-        raise UserError(
-            f"could not write {path} ({e.strerror or e}); free disk space or choose another folder"
-        ) from e
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

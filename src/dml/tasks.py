@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -21,22 +17,24 @@ from rich.console import Console
 from rich.table import Table
 
 from dml.callbacks import EmbeddingPictures
+from dml.command import is_multirun
+from dml.config import check_types
 from dml.errors import UserError
+from dml.io import write_atomic
 from dml.log import get_logger
 from dml.models import DMLModule
+from dml.models.backbones import input_channels
 from dml.runs import (
     AtomicCheckpointIO,
     RunStopped,
     check_resume,
     check_same_model,
-    check_writable,
     claim_run_dir,
     is_launching_process,
     read_checkpoint,
     release_replaced,
     resolve_ckpt_path,
     stop_message,
-    write_atomic,
 )
 
 log = get_logger(__name__)
@@ -65,9 +63,16 @@ def build_module(cfg: DictConfig) -> DMLModule:
 
 
 def build_data_and_module(cfg: DictConfig) -> tuple[L.LightningDataModule, DMLModule]:
-    """The datamodule and module of a run config; image datasets take the backbone's normalisation."""
+    """The datamodule and module of a run config; image datasets take the backbone's normalisation.
+
+    Raises:
+        UserError: a value has the wrong type, or the dataset's images have another number of channels
+            than the backbone takes.
+    """
+    check_types(cfg, ("dataset", "backbone", "head", "loss", "optimizer", "scheduler", "model"))
     datamodule = instantiate(cfg.dataset)
     module = build_module(cfg)
+    _check_channels(datamodule, module.backbone)
     data_config = getattr(module.backbone, "data_config", {})
     if hasattr(datamodule, "use_backbone_config"):
         datamodule.use_backbone_config(data_config)
@@ -86,6 +91,21 @@ def build_data_and_module(cfg: DictConfig) -> tuple[L.LightningDataModule, DMLMo
             getattr(datamodule, "name", "?"),
         )
     return datamodule, module
+
+
+def _check_channels(datamodule: L.LightningDataModule, backbone: torch.nn.Module) -> None:
+    given, taken = getattr(datamodule, "input_channels", None), input_channels(backbone)
+    if given is None or taken is None or given == taken:
+        return
+    name = getattr(datamodule, "name", "the dataset")
+    cure = (
+        f"set dataset.channels={taken}"
+        if taken in getattr(datamodule, "channel_choices", ())
+        else f"use a model trained with backbone.in_chans={given} for it"
+    )
+    raise UserError(
+        f"dataset {name} gives {given}-channel images and the backbone takes {taken}-channel ones: {cure}"
+    )
 
 
 def prepare(cfg: DictConfig) -> dict[str, float]:
@@ -147,6 +167,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     claim_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    check_types(cfg, ("trainer",))
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_data_and_module(cfg)
     if ckpt is not None:
@@ -157,7 +178,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if is_launching_process():  # one writer: under DDP every process runs this function
         write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     monitored = {"monitor.metric": cfg.get("monitor", {}).get("metric")}
-    if _is_multirun() and cfg.get("optimized_metric"):
+    if is_multirun() and cfg.get("optimized_metric"):
         monitored["optimized_metric"] = cfg.optimized_metric
     callbacks = [*_instantiate_all(cfg.get("callbacks")), MonitoredMetricsCheck(monitored)]
     loggers = _instantiate_all(cfg.get("logger"))
@@ -248,8 +269,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     Returns the metrics of the last one.
     """
     paths = cfg.ckpt_path if isinstance(cfg.ckpt_path, list | ListConfig) else [cfg.ckpt_path]
-    if not paths:
-        raise UserError("ckpt_path is empty; pass ckpt_path=<file>.ckpt or ckpt_path=[a.ckpt,b.ckpt]")
+    if not paths or None in paths:
+        raise UserError(
+            "ckpt_path= must be given: python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt (or "
+            "ckpt_path=[a.ckpt,b.ckpt] to compare several)"
+        )
+    check_types(cfg, ("trainer",))
     results = {}
     for path in paths:
         ckpt = Path(str(path)).expanduser()
@@ -336,108 +361,3 @@ def _comparison_table(results: dict[str, dict[str, float]]) -> str:
     console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - rendered to text only
     console.print(table)
     return console.export_text()
-
-
-def _find_user_error(exc: BaseException) -> UserError | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UserError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _user_message(error: UserError) -> str:
-    """The error's own message; a DataLoader worker's copy of it carries the worker's traceback first."""
-    text = str(error)
-    marker = f"{UserError.__module__}.{UserError.__name__}: "
-    return text[text.rindex(marker) + len(marker) :].strip() if marker in text else text
-
-
-def _is_multirun() -> bool:
-    try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except ValueError:  # not under @hydra.main
-        return False
-
-
-def _record_failed_job(cfg: DictConfig, error: Exception, user_error: UserError | None) -> None:
-    """Keep a failed sweep job's reason in ``<job dir>/FAILED`` (listed when the sweep ends) and go on."""
-    reason = _user_message(user_error) if user_error else "".join(traceback.format_exception(error))
-    overrides = " ".join(HydraConfig.get().overrides.task)
-    output_dir = Path(cfg.paths.output_dir)
-    log.error("job %s failed; the sweep goes on:\n%s", output_dir.name, reason)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(output_dir / "FAILED", f"overrides: {overrides}\n{reason}\n")
-    except UserError as e:
-        log.error("%s", e)
-
-
-def run_cli(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> float | None:
-    """Run ``task`` for a ``@hydra.main`` shim and return ``optimized_metric`` for Hydra sweepers.
-
-    A user error ends in its message alone (exit code 2), a run stopped by a signal in its message and
-    the signal's exit code (130 SIGINT, 143 SIGTERM). In a sweep, a job that fails is recorded as failed
-    (``<job dir>/FAILED``; for Optuna, a failed trial) and the sweep goes on;
-    :class:`RunFolders` lists the failed jobs at the end.
-    """
-    try:
-        metrics = task(cfg)
-    except RunStopped as e:
-        print(f"error: {e}", file=sys.stderr)  # noqa: T201 - the message a user must see
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print(
-            f"error: {cfg.get('task_name', 'the run')} interrupted; nothing it was writing was left behind",
-            file=sys.stderr,
-        )  # noqa: T201
-        sys.exit(130)
-    except Exception as e:
-        user_error = _find_user_error(e)
-        if _is_multirun():
-            _record_failed_job(cfg, e, user_error)
-            return None  # no value: Optuna records a failed trial (NaN would end its search)
-        if user_error is None:
-            raise
-        print(f"error: {_user_message(user_error)}", file=sys.stderr)  # noqa: T201 - the message a user must see
-        sys.exit(2)
-    metric = cfg.get("optimized_metric")
-    return metrics.get(metric) if metric else None
-
-
-class RunFolders(Callback):
-    """Hydra callback: a run or sweep folder that cannot be created is one message (exit code 2), before
-    Hydra writes into it; after a sweep, its failed jobs (their ``FAILED`` files) are listed and the
-    sweep exits with 1."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # Before Hydra writes its .hydra/ and log into the run folder: a training run claims it first.
-        folder = Path(config.hydra.run.dir)
-        try:
-            if config.get("task_name") == "train":
-                claim_run_dir(folder, config.get("ckpt_path"), bool(config.get("overwrite")))
-            else:
-                check_writable(folder, "hydra.run.dir=<folder>")
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)  # noqa: T201 - the message a user must see
-            sys.exit(2)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir=<folder>")
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)  # noqa: T201 - the message a user must see
-            sys.exit(2)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        failed = sorted(Path(config.hydra.sweep.dir).glob("*/FAILED"), key=lambda p: p.parent.name)
-        if not failed:
-            return
-        lines = [f"  {p.parent}: {p.read_text().splitlines()[-1]}" for p in failed]
-        print(  # noqa: T201 - the summary a user must see
-            f"error: {len(failed)} job(s) of the sweep failed (the others finished):\n" + "\n".join(lines),
-            file=sys.stderr,
-        )
-        sys.exit(1)

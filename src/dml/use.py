@@ -1,19 +1,21 @@
-"""The entry points that use a trained model: embed.py, index.py, search.py and export.py."""
+"""The entry points that use a trained model: embed.py, index.py, search.py and export.py.
+
+Each checks what it will write before it does any work: an output that exists (without
+``overwrite=true``), a folder that cannot be written, too little disk for the embeddings.
+"""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import json
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
-from PIL import Image
+from rich.markup import escape
 
-from dml.errors import UserError
+from dml.errors import UserError, whole_number
 from dml.inference import Embedder, Embeddings, Index, SearchResult, export
+from dml.inference.exporting import export_formats
+from dml.inference.results import JSON_NAME, results_json, results_page, rows, short_name, write_results
+from dml.io import check_output
 from dml.log import get_logger
 
 log = get_logger(__name__)
@@ -22,9 +24,14 @@ log = get_logger(__name__)
 def embed_task(cfg: DictConfig) -> dict[str, float]:
     """Embed ``cfg.images`` with ``cfg.ckpt_path`` into ``cfg.out``."""
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:  # before any work: nothing finished is overwritten
-        raise UserError(f"out={str(out)!r} already exists; choose another path or set overwrite=true")
+    check_output(out, "out", cfg.overwrite)  # before any work: nothing finished is overwritten
+    whole_number(cfg.batch_size, "batch_size")
+    whole_number(cfg.num_workers, "num_workers", least=0)
     embedder = Embedder.from_checkpoint(cfg.ckpt_path, device=cfg.device, dataset_root=cfg.dataset_root)
+    count = embedder.count(str(cfg.images))
+    check_output(
+        out, "out", cfg.overwrite, size=Embeddings.file_size(count, embedder.dim)
+    )  # before the model runs
     embeddings = embedder.embed(
         str(cfg.images), batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True
     )
@@ -39,8 +46,7 @@ def embed_task(cfg: DictConfig) -> dict[str, float]:
 def index_task(cfg: DictConfig) -> dict[str, float]:
     """Build and save the index of ``cfg.embeddings``."""
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise UserError(f"out={str(out)!r} already exists; choose another folder or set overwrite=true")
+    check_output(out, "out", cfg.overwrite, marker="meta.json")
     embeddings = Embeddings.load(cfg.embeddings)
     index = Index.build(
         embeddings,
@@ -67,10 +73,17 @@ def index_task(cfg: DictConfig) -> dict[str, float]:
 def search_task(cfg: DictConfig) -> dict[str, float]:
     """Embed ``cfg.query`` with the index's model, search, print, and write results.json and results.html."""
     out = Path(cfg.out)
-    if (out / "results.json").exists() and not cfg.overwrite:
+    for key, least in (("k", 1), ("html_queries", 0), ("html_neighbours", 1), ("print_queries", 0)):
+        whole_number(cfg[key], key, least)
+    whole_number(cfg.batch_size, "batch_size")
+    whole_number(cfg.num_workers, "num_workers", least=0)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out={str(out)!r} is a file; give a folder for {JSON_NAME} and results.html")
+    if (out / JSON_NAME).exists() and not cfg.overwrite:
         raise UserError(
-            f"out={str(out)!r} already holds results.json; choose another folder or set overwrite=true"
+            f"out={str(out)!r} already holds {JSON_NAME}; choose another folder or set overwrite=true"
         )
+    check_output(out / JSON_NAME, "out", overwrite=True)
     index = Index.load(cfg.index)
     checkpoint = Path(cfg.ckpt_path or index.meta["checkpoint"])
     if not checkpoint.is_file():
@@ -79,110 +92,52 @@ def search_task(cfg: DictConfig) -> dict[str, float]:
         )
     embedder = Embedder.from_checkpoint(checkpoint, device=cfg.device, dataset_root=cfg.dataset_root)
     index.check_model(embedder.checkpoint_sha256, what=f"checkpoint {checkpoint}'s embeddings")
+    if cfg.html_queries and any(name.startswith(f"{embedder.dataset_name}:") for name in index.names):
+        embedder.require_dataset("the thumbnails of the index's dataset images in results.html")
     queries = embedder.embed(
         str(cfg.query), key="query", batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True
     )
     position = {name: i for i, name in enumerate(index.names)}
     own = [position.get(name, -1) for name in queries.names]
     result = index.search(queries.vectors, cfg.k, exclude=own if any(i >= 0 for i in own) else None)
-    metrics = _recall(queries, result)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "results.json", queries, result, index, metrics)
-    _write_html(out / "results.html", queries, result, embedder, cfg.html_queries)
+    metrics, notes = _recall(queries, result, index), _notes(result, index)
+    page = results_page(
+        queries, result, embedder.picture, embedder.checkpoint, cfg.html_queries, cfg.html_neighbours
+    )
+    json_path, page_path = write_results(out, results_json(queries, result, index, metrics, notes), page)
     _print(queries, result, metrics, cfg.print_queries)
-    print(f"results of {len(queries.names)} queries: {out / 'results.json'}, {out / 'results.html'}")  # noqa: T201
+    for note in notes:
+        print(f"note: {note}")  # noqa: T201
+    print(f"results of {len(queries.names)} queries: {json_path}, {page_path}")  # noqa: T201
     return metrics
 
 
-def _recall(queries: Embeddings, result: SearchResult) -> dict[str, float]:
-    """Recall@1 and Recall@k where both the queries and the index have labels."""
+def _recall(queries: Embeddings, result: SearchResult, index: Index) -> dict[str, float]:
+    """Recall@1 and Recall@k where both the queries and the index have labels (a neighbour an IVF index
+    did not return is a miss)."""
     known = queries.labels >= 0
-    if not bool(known.any()) or not bool((result.labels[known] >= 0).all()):
+    if not bool(known.any()) or not bool((index.labels >= 0).all()):
         return {}
     hits = result.labels[known] == queries.labels[known][:, None]
     k = hits.shape[1]
     return {"recall@1": hits[:, 0].float().mean().item(), f"recall@{k}": hits.any(1).float().mean().item()}
 
 
-def _rows(queries: Embeddings, result: SearchResult, limit: int | None = None) -> list[dict[str, Any]]:
-    rows = []
-    for q in range(min(len(queries.names), limit if limit is not None else len(queries.names))):
-        rows.append(
-            {
-                "query": queries.names[q],
-                "label": int(queries.labels[q]) if queries.labels[q] >= 0 else None,
-                "neighbours": [
-                    {
-                        "name": result.names[q][j],
-                        "label": int(result.labels[q, j]) if result.labels[q, j] >= 0 else None,
-                        result.score_name: round(float(result.scores[q, j]), 6),
-                    }
-                    for j in range(result.ids.shape[1])
-                ],
-            }
-        )
-    return rows
-
-
-def _write_json(path: Path, queries: Embeddings, result: SearchResult, index: Index, metrics: dict) -> None:
-    payload = {
-        "index": {"kind": index.meta["kind"], "size": len(index), "checkpoint": index.meta["checkpoint"]},
-        "score": result.score_name,
-        "metrics": metrics,
-        "skipped": queries.skipped,
-        "results": _rows(queries, result),
-    }
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
-
-
-def _short(name: str) -> str:
-    """A file's name, or a dataset item's ``<split>/<position>``."""
-    if ":" in name and not Path(name).exists():
-        return name.split(":", 1)[1]
-    return Path(name).name
-
-
-def _thumbnail(image: Image.Image | None, size: int = 112) -> str:
-    if image is None:
-        return '<div class="missing">no image</div>'
-    image = image.convert("RGB")
-    image.thumbnail((size, size))
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def _write_html(
-    path: Path, queries: Embeddings, result: SearchResult, embedder: Embedder, limit: int
-) -> None:
-    """A page with every image inline (base64), so it opens anywhere on its own."""
-    cells = []
-    for row in _rows(queries, result, limit):
-        label = row["label"]
-        items = [
-            f'<td class="query">{_thumbnail(embedder.picture(row["query"]))}<br>{html.escape(_short(row["query"]))}</td>'
-        ]
-        for n in row["neighbours"]:
-            match = label is not None and n["label"] == label
-            cls = "hit" if match else ("miss" if label is not None and n["label"] is not None else "")
-            items.append(
-                f'<td class="{cls}">{_thumbnail(embedder.picture(n["name"]))}<br>{html.escape(_short(n["name"]))}'
-                f"<br>{result.score_name} {n[result.score_name]:.4f}</td>"
-            )
-        cells.append("<tr>" + "".join(items) + "</tr>")
-    shown = f"the first {min(limit, len(queries.names))} of {len(queries.names)} queries"
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dml search results</title>
-<style>body{{font-family:sans-serif}} td{{text-align:center;font-size:11px;padding:4px;vertical-align:top}}
-td.query{{background:#eef}} td.hit{{background:#dfd}} td.miss{{background:#fdd}} img{{max-width:112px}}
-.missing{{width:112px;height:112px;background:#ddd}}</style></head><body>
-<h1>Search results</h1><p>{shown}; model {html.escape(embedder.checkpoint)}; each row: the query, then its
-neighbours best first ({result.score_name}).</p><table>{"".join(cells)}</table></body></html>"""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(page)
-    tmp.replace(path)
+def _notes(result: SearchResult, index: Index) -> list[str]:
+    k = result.ids.shape[1]
+    short = int((result.found < k).sum())
+    if not short:
+        return []
+    params, kind = index.meta.get("params", {}), index.meta["kind"]
+    why = (
+        f"the {params.get('nprobe')} of {params.get('nlist')} IVF cells searched hold fewer. Build the index "
+        "with a larger nprobe (index.py nprobe=...)"
+        if kind == "ivf"
+        else f"the {kind} index returned fewer. Build the index with a larger ef_search (index.py ef_search=...)"
+    )
+    return [
+        f"{short} of {len(result.ids)} queries got fewer than {k} neighbours: {why}, or kind=flat for exact search"
+    ]
 
 
 def _print(queries: Embeddings, result: SearchResult, metrics: dict[str, float], limit: int) -> None:
@@ -193,10 +148,11 @@ def _print(queries: Embeddings, result: SearchResult, metrics: dict[str, float],
     table.add_column("query")
     for j in range(min(result.ids.shape[1], 3)):
         table.add_column(f"#{j + 1}")
-    for row in _rows(queries, result, limit):
+    for row in rows(queries, result, limit, neighbours=3):
+        # file names are text, not rich markup: "photo [final].png" keeps its brackets
         table.add_row(
-            _short(row["query"]),
-            *[f"{_short(n['name'])} {n[result.score_name]:.3f}" for n in row["neighbours"][:3]],
+            escape(short_name(row["query"])),
+            *[escape(f"{short_name(n['name'])} {n[result.score_name]:.3f}") for n in row["neighbours"]],
         )
     Console().print(table)
     if metrics:
@@ -205,8 +161,10 @@ def _print(queries: Embeddings, result: SearchResult, metrics: dict[str, float],
 
 def export_task(cfg: DictConfig) -> dict[str, float]:
     """Export ``cfg.ckpt_path`` to ``cfg.out``."""
+    formats = export_formats(cfg.formats if isinstance(cfg.formats, str) else list(cfg.formats))
+    check_output(Path(cfg.out), "out", cfg.overwrite, marker="preprocessing.json")
     embedder = Embedder.from_checkpoint(cfg.ckpt_path, device="cpu")
-    written = export(embedder, cfg.out, formats=list(cfg.formats), overwrite=cfg.overwrite)
+    written = export(embedder, cfg.out, formats=formats, overwrite=cfg.overwrite)
     for kind, path in written.items():
         print(f"{kind}: {path}")  # noqa: T201
     return {}

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dml.data.fast_path import PIPELINES, BatchTransform, EncodedBatch, collate_encoded
+from dml.data.fast_path import PIPELINES, BatchTransform, EncodedBatch, EncodedCollate
 from dml.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 from dml.errors import UserError
 from dml.evaluation.protocol import EvaluationProtocol
@@ -163,6 +163,14 @@ class RetrievalDataModule(L.LightningDataModule):
         self.splits: dict[str, RetrievalSplit] = {}
 
     # --- for subclasses -------------------------------------------------------------------------------
+    channel_choices: tuple[int, ...] = ()  # the values its ``channels`` setting takes
+
+    @property
+    def input_channels(self) -> int | None:
+        """Channels of the images it gives the model (``None``: not known before the data are read)."""
+        shape = getattr(self, "image_shape", None)
+        return int(shape[0]) if shape else None
+
     def load_raw(self) -> dict[str, RawSplit]:
         """Read the benchmark: {"train": RawSplit, "test": RawSplit}."""
         raise NotImplementedError
@@ -342,7 +350,7 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def _loader(self, data: Dataset, train: bool = False, **kwargs: Any) -> DataLoader:
         if self._batch_transform is not None:
-            kwargs["collate_fn"] = collate_encoded(train)
+            kwargs["collate_fn"] = EncodedCollate(train)
         return DataLoader(
             data,
             num_workers=self.num_workers,

@@ -13,30 +13,45 @@ the batch in channels_last when ``model.channels_last`` is on).
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 
+from dml.data.images import UnsupportedPixels, open_image, to_uint8, unreadable_message
 from dml.errors import UserError
 
 PIPELINES = ("auto", "classic", "fast")
 JPEG_MAGIC = b"\xff\xd8"
 
 
+class Encoded(NamedTuple):
+    """One image's encoded bytes (a 1-D uint8 tensor) and where they came from (for error messages)."""
+
+    data: torch.Tensor
+    name: str
+
+
 class EncodedBatch:
     """A batch of encoded images, kept on the CPU by Lightning's batch transfer (a plain object, not a
     collection): the decoder reads it from there. The images travel from the loader workers as one
-    uint8 buffer and their lengths (one shared-memory block a batch, not one per image)."""
+    uint8 buffer and their lengths (one shared-memory block a batch, not one per image); ``names`` say
+    where each came from, so that an image that does not decode is named."""
 
-    __slots__ = ("buffer", "lengths", "train")
+    __slots__ = ("buffer", "lengths", "names", "train")
 
-    def __init__(self, data: Sequence[torch.Tensor], train: bool):
+    def __init__(self, data: Sequence[torch.Tensor], train: bool, names: Sequence[str] | None = None):
         self.buffer = torch.cat(list(data)) if len(data) else torch.empty(0, dtype=torch.uint8)
         self.lengths = [len(d) for d in data]
+        self.names = (
+            list(names) if names is not None else [f"image {i} of the batch" for i in range(len(data))]
+        )
         self.train = train
 
     @property
@@ -49,7 +64,7 @@ class EncodedBatch:
 
 
 class EncodedFiles:
-    """An image source giving each file's bytes as a 1-D uint8 tensor (no decoding in the workers)."""
+    """An image source giving each file's bytes and path (:class:`Encoded`; no decoding in the workers)."""
 
     def __init__(self, root: Path, paths: Sequence[str]):
         self.root, self.paths = Path(root), list(paths)
@@ -57,14 +72,13 @@ class EncodedFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> torch.Tensor:
+    def load(self, index: int) -> Encoded:
         path = self.root / self.paths[index]
         try:
-            return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            data = path.read_bytes()
         except OSError as e:
-            raise UserError(
-                f"cannot read image {path}: {e}; replace the file and prepare the dataset again"
-            ) from e
+            raise UserError(unreadable_message(path, e)) from e
+        return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), str(path))
 
 
 class EncodedTensors:
@@ -76,45 +90,73 @@ class EncodedTensors:
     def __len__(self) -> int:
         return len(self.data)
 
-    def load(self, index: int) -> torch.Tensor:
-        return self.data[index]
+    def load(self, index: int) -> Encoded:
+        return Encoded(self.data[index], f"in-memory image {index}")
 
 
-def collate_encoded(train: bool):
-    """A DataLoader collate_fn for items (encoded bytes, label, position)."""
+class EncodedCollate:
+    """A DataLoader collate_fn for items (:class:`Encoded`, label, position): a class, not a closure, so
+    that loader workers started by spawn or forkserver can unpickle it."""
 
-    def collate(
-        items: list[tuple[torch.Tensor, int, int]],
+    def __init__(self, train: bool):
+        self.train = train
+
+    def __call__(
+        self, items: list[tuple[Encoded, int, int]]
     ) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor]:
-        data, labels, positions = zip(*items, strict=True)
-        return EncodedBatch(list(data), train), torch.tensor(labels), torch.tensor(positions)
+        encoded, labels, positions = zip(*items, strict=True)
+        batch = EncodedBatch([e.data for e in encoded], self.train, [e.name for e in encoded])
+        return batch, torch.tensor(labels), torch.tensor(positions)
 
-    return collate
+
+def _decode_one(data: torch.Tensor, name: str) -> torch.Tensor:
+    """One image on the CPU: torchvision's decoders (JPEG, PNG, WebP, GIF), else PIL's (BMP, TIFF, ...).
+
+    Raises:
+        UserError: neither can decode it; the message names the file.
+    """
+    try:
+        return to_uint8(decode_image(data, mode=ImageReadMode.RGB))
+    except RuntimeError:
+        pass  # a format torchvision does not read, or a damaged file: PIL tells which
+    try:
+        image = open_image(io.BytesIO(data.numpy().tobytes()), "RGB")
+    except (OSError, UnsupportedPixels) as e:
+        raise UserError(unreadable_message(name, e)) from e
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-def decode(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def decode(
+    data: Sequence[torch.Tensor], device: torch.device, names: Sequence[str] | None = None
+) -> list[torch.Tensor]:
     """(3, H, W) uint8 RGB images on ``device``: JPEGs decoded together (on the GPU with a CUDA device),
-    anything else (PNG, grayscale) one by one on the CPU, as are the JPEGs of a batch that the GPU
-    decoder refuses (CMYK, unusual chroma subsampling)."""
+    anything else (PNG, grayscale, 16-bit, BMP, TIFF) one by one on the CPU, as are the JPEGs of a batch
+    that the batched decoder refuses (CMYK, unusual chroma subsampling, a damaged file).
+
+    Raises:
+        UserError: an image cannot be decoded; the message names it (``names``: one per image).
+    """
+    names = list(names) if names is not None else [f"image {i} of the batch" for i in range(len(data))]
     jpeg = [i for i, d in enumerate(data) if bytes(d[:2].tolist()) == JPEG_MAGIC]
     out: list[torch.Tensor | None] = [None] * len(data)
     if jpeg:
-        decoded = None
         if device.type == "cuda":
             # nvJPEG writes its output without waiting for kernels still queued on the stream (the
             # previous step's backward may still read memory it reuses): let them finish first.
             torch.cuda.current_stream(device).synchronize()
-            try:
-                decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
-            except RuntimeError:
-                decoded = None  # decoded on the CPU below, image by image
-        else:
-            decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB)
-        for i, image in zip(jpeg, decoded or [None] * len(jpeg), strict=True):
+        try:
+            decoded = decode_jpeg(
+                [data[i] for i in jpeg],
+                mode=ImageReadMode.RGB,
+                device=device if device.type == "cuda" else "cpu",
+            )
+        except RuntimeError:
+            decoded = [None] * len(jpeg)  # decoded on the CPU below, image by image
+        for i, image in zip(jpeg, decoded, strict=True):
             out[i] = image
     for i, image in enumerate(out):
         if image is None:
-            out[i] = decode_image(data[i], mode=ImageReadMode.RGB)
+            out[i] = _decode_one(data[i], names[i])
     return [image.to(device, non_blocking=True) for image in out]
 
 
@@ -207,7 +249,7 @@ class BatchTransform:
     ) -> torch.Tensor:
         """The batch decoded and transformed on ``device``; training draws from ``generator`` (CPU)."""
         device = torch.device(device)
-        images = decode(batch.data, device)
+        images = decode(batch.data, device, batch.names)
         return self.augment(images, generator) if batch.train else self.evaluate(images)
 
     def augment(self, images: list[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:

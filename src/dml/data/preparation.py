@@ -24,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from dml.data.images import convert, to_8bit
 from dml.errors import UserError
 from dml.log import get_logger
 
@@ -189,6 +190,7 @@ def check_images(root: Path, paths: list[str], skip_bad: bool, name: str) -> set
         try:
             with Image.open(root / rel) as image:
                 image.load()
+                to_8bit(image)  # pixel values that have no 8-bit meaning make it unreadable
         except (OSError, SyntaxError, ValueError):
             bad.add(rel)
     if bad and not skip_bad:
@@ -256,7 +258,7 @@ def resized_copy(root: Path, paths: list[str], short_side: int, quality: int = 9
                 scale = short_side / min(image.size)
                 if scale < 1:
                     size = tuple(max(1, round(side * scale)) for side in image.size)
-                    image = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+                    image = convert(image, "RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
                     image.save(tmp, "JPEG", quality=quality)
                 else:
                     shutil.copyfile(root / rel, tmp)  # small enough already: the file as it is

@@ -28,6 +28,12 @@ def pool_features(x: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     raise ValueError(f"pooling must be 'avg', 'max' or 'avgmax', got {pooling!r}")
 
 
+def input_channels(backbone: nn.Module) -> int | None:
+    """The number of channels ``backbone`` takes: its first convolution's (``None`` without one)."""
+    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    return int(first.in_channels) if first is not None else None
+
+
 class Backbone(nn.Module):
     """Common behaviour: pooling and optionally frozen BatchNorm (eval mode, affine parameters fixed)."""
 

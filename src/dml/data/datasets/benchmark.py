@@ -11,6 +11,7 @@ from torchvision import transforms as T
 
 from dml.data.datamodule import ImageSource, RawSplit, RetrievalDataModule
 from dml.data.fast_path import BatchTransform, EncodedFiles
+from dml.data.images import UnsupportedPixels, open_image, unreadable_message
 from dml.data.preparation import Archive, check_images, ensure_files, read_index, resized_copy, write_index
 from dml.errors import UserError
 
@@ -29,12 +30,9 @@ class ImageFiles:
     def load(self, index: int) -> Image.Image:
         path = self.root / self.paths[index]
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except OSError as e:
-            raise UserError(
-                f"cannot read image {path}: {e}; replace the file and prepare the dataset again (delete its dml_index.json)"
-            ) from e
+            return open_image(path)
+        except (OSError, UnsupportedPixels) as e:
+            raise UserError(unreadable_message(path, e)) from e
 
 
 class ScaleToBGR255:
@@ -104,6 +102,8 @@ class FileBenchmark(RetrievalDataModule):
 
     archives: tuple[Archive, ...] = ()
     has_fast_path = fast_by_default = True
+    channel_choices = (3,)
+    input_channels = 3
 
     def __init__(
         self,

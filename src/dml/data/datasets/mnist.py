@@ -98,6 +98,7 @@ class MNISTDataModule(RetrievalDataModule):
     """
 
     name = "mnist"
+    channel_choices = (1, 3)
 
     def __init__(
         self,

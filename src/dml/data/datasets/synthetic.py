@@ -58,6 +58,7 @@ class SyntheticDataModule(RetrievalDataModule):
 
     name = "synthetic"
     has_fast_path = True  # its images JPEG-encoded in memory (quality 95), to test the fast path on CPU
+    channel_choices = (1, 3)
 
     def __init__(
         self,

@@ -1,0 +1,161 @@
+"""Files that are complete or absent: atomic writes, checks of an output before any work, file hashes.
+
+- :func:`write_atomic` and :func:`atomic_path` write beside the target and rename into place, so a reader
+  (or the next run) never sees half a file;
+- :func:`check_output` refuses an output path that cannot be written (an existing output, a read-only
+  folder, too little disk space, the process's file-size limit) before the work that fills it starts;
+- :func:`file_sha256` identifies a file by its content (a model's checkpoint, say).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import resource
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from dml.errors import UserError
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def refuse_existing(path: Path, key: str, overwrite: bool, marker: str | None = None) -> None:
+    """Refuse to replace what is at ``path`` unless ``overwrite``; even then, only what this package wrote
+    (a file for a file; a folder holding ``marker`` for a folder), never a user's other data."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise UserError(f"{key}={str(path)!r} already exists; choose another path or set overwrite=true")
+    if marker is None and path.is_dir():
+        raise UserError(f"{key}={str(path)!r} is a folder; give the path of a file")
+    if marker is not None and not (path / marker).is_file():
+        raise UserError(
+            f"{key}={str(path)!r} exists and is not an output of this package (no {marker}): refusing to "
+            "replace it even with overwrite=true; choose another path"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def check_folder(folder: Path, key: str, what: str | None = None) -> None:
+    """Create ``folder`` if needed and check that files can be written in it.
+
+    Raises:
+        UserError: it is a file, or cannot be created or written; the message names ``what`` (by default
+            ``key=folder``) and says to choose another folder for ``key``.
+    """
+    probe = folder / f".dml_write_test.{os.getpid()}"
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "is a file")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        shown = what or f"{key}={str(folder)!r}"
+        raise UserError(
+            f"{shown} cannot be written: {folder}: {e.strerror or e}; choose a writable folder for {key}"
+        ) from e
+
+
+def check_output(
+    path: Path, key: str, overwrite: bool = False, size: int = 0, marker: str | None = None
+) -> None:
+    """Check, before any work, that ``path`` can receive an output of about ``size`` bytes.
+
+    ``marker``: the output is a folder, recognised as this package's by that file (see
+    :func:`refuse_existing`); otherwise a file, and a folder at ``path`` is refused even with
+    ``overwrite``.
+
+    Raises:
+        UserError: naming ``key``: ``path`` holds an output (or something else), its folder cannot be
+            created or written, the disk has less than ``size`` bytes free, or ``size`` is over this
+            process's file-size limit (``ulimit -f``).
+    """
+    if marker is None and path.is_dir():
+        raise UserError(f"{key}={str(path)!r} is a folder; give the path of a file to write")
+    refuse_existing(path, key, overwrite, marker)
+    folder = path.parent
+    check_folder(folder, key, f"{key}={str(path)!r}")
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise UserError(
+            f"{key}={str(path)!r} needs about {_size(size)} and {folder} has {_size(free)} free; free disk "
+            f"space or choose another folder for {key}"
+        )
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and size > limit:
+        raise UserError(
+            f"{key}={str(path)!r} needs about {_size(size)}, over this process's file-size limit of "
+            f"{_size(limit)} (ulimit -f); raise the limit or embed fewer images at once"
+        )
+
+
+def _written(path: Path, error: OSError) -> UserError:
+    return UserError(
+        f"could not write {path} ({error.strerror or error}); no partial file was left. Free disk space or "
+        "choose another folder"
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write; it replaces ``path`` only when the block ends normally
+    (the old one moved aside first, deleted last), and is removed otherwise: a stopped run leaves
+    nothing that looks complete, and the old output stays until the new one is in place.
+
+    Raises:
+        UserError: writing failed (a full disk, say); the message names ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, aside)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if aside.exists():  # the old output goes back where it was
+                os.replace(aside, path)
+            raise
+    except OSError as e:
+        raise _written(path, e) from e
+    finally:
+        for leftover in (tmp, aside):
+            with contextlib.suppress(OSError):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                elif leftover.exists():
+                    leftover.unlink()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place: readers never see half a file.
+
+    Raises:
+        UserError: it could not be written; nothing is left at ``path`` or beside it.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # a name of its own per process
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this
+            tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"could not write {path} ({e.strerror or e}); free disk space or choose another folder"
+        ) from e

@@ -1,0 +1,218 @@
+"""The study behind ``docs/results.md`` (``make study``): every arm of every table trained once per seed,
+scored, and written up with its claims' verdicts."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from dml.command import fail
+from dml.errors import UserError
+from dml.evaluation.pictures import embedding_map
+from dml.io import check_folder, write_atomic
+from dml.runs import RunStopped
+from dml.study.experiments import antico_probe, embed, train_run
+from dml.study.report import (
+    REPORT_HEAD,
+    check_report_path,
+    forms_section,
+    load_spec,
+    slug,
+    table_section,
+    verdict,
+)
+
+STUDY_RUN = "study_run.json"  # in each run folder the study finished: the run's overrides
+
+
+def run_study(spec: DictConfig, out: Path, runs_dir: Path) -> Path:
+    """Train every arm of every table once per seed, score the last checkpoints, write ``out``.
+
+    Returns ``out``: a Markdown report with one table per study table (mean +/- 95% CI over the seeds,
+    the paper's numbers beside ours where given), the weights its sweeps chose, its claims' verdicts
+    and, for tables that ask, 2-d maps of the first seed.
+    """
+    check_report_path(out)
+    check_folder(runs_dir, "runs")
+    started = time.time()
+    study = _Study(spec, runs_dir, out.parent / "results")
+    sections = [study.table(table) for table in spec.tables]
+    if spec.get("forms"):
+        sections.append(forms_section(spec.forms.dim, list(spec.forms.classes)))
+    minutes = (time.time() - started) / 60
+    header = (
+        f"{REPORT_HEAD} (`python -m dml.study`) in {minutes:.0f} min: do not edit by hand.\n"
+        f"Seeds {list(spec.seeds)}; extra overrides {list(spec.overrides) or 'none'}; each run's last "
+        "checkpoint is scored (runs validate once, after their last epoch). Values: mean +/- 95% confidence "
+        f"half-width over the seeds. {os.cpu_count()} CPU cores, torch {torch.__version__}.\n"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, header + "\n" + "\n".join(sections))
+    return out
+
+
+class _Study:
+    """Runs and scores a study's arms; identical runs (same overrides) train once."""
+
+    def __init__(self, spec: DictConfig, runs_dir: Path, pictures: Path):
+        self.spec, self.runs_dir, self.pictures = spec, runs_dir, pictures
+        self.done: dict[tuple[str, ...], tuple[dict[str, float], Path]] = {}
+        self.last: dict[tuple[str, int], Path] = {}  # (arm, seed) -> its last checkpoint
+
+    def score(self, name: str, overrides: list[str], table: DictConfig, splits, picture: str | None = None):
+        """Train ``overrides`` (once), embed each split with the last checkpoint, return its scores;
+        ``picture``: also draw the test split's 2-d map under that title."""
+        key = tuple(overrides)
+        if key not in self.done:
+            quick = ["test=false", "trainer.check_val_every_n_epoch=${trainer.max_epochs}"]
+            last = self._train(name, [*overrides, *quick])
+            row = {}
+            for split in splits:
+                scores = embed(last, split).scores(table.ks, table.nmi_multiples)
+                row |= {f"{split}/{k}": v for k, v in scores.items()}
+            self.done[key] = (row, last)
+        row, last = self.done[key]
+        if picture:
+            embedded = embed(last, "test")
+            embedding_map(
+                embedded.embeddings,
+                embedded.labels,
+                self.pictures / f"{table.name}_{slug(picture)}.png",
+                title=f"{picture}: test digits, {name.rsplit('/', 1)[-1]}",
+            )
+        return row
+
+    def _train(self, name: str, overrides: list[str]) -> Path:
+        """Train ``overrides`` into ``<runs>/<name>``; returns its last checkpoint. A run this study finished
+        there before (``study_run.json`` records its overrides) is used as it is, and one it left
+        unfinished goes on from its last checkpoint: the same command with the same ``runs=`` goes on
+        where a stopped study stopped.
+
+        Raises:
+            UserError: that folder holds a run of other overrides.
+        """
+        folder = self.runs_dir / name
+        marker, last = folder / STUDY_RUN, folder / "checkpoints" / "last.ckpt"
+        if marker.is_file():
+            recorded = json.loads(marker.read_text()).get("overrides")
+            if recorded != overrides:
+                raise UserError(
+                    f"runs={self.runs_dir}: {folder} holds a run of other settings ({' '.join(recorded or [])}); "
+                    f"give the study another runs= folder, or delete {folder}"
+                )
+            if last.is_file():
+                return last
+        resume = ["ckpt_path=last"] if last.is_file() else []
+        run = train_run(name, [*overrides, *resume], self.runs_dir)
+        write_atomic(marker, json.dumps({"overrides": overrides}) + "\n")
+        return run.output_dir / "checkpoints" / "last.ckpt"
+
+    def sweep(self, table: DictConfig, arm: DictConfig) -> tuple[float, dict[float, float]]:
+        """(chosen value, value -> validation score) of ``table.sweep`` for this arm's overrides."""
+        sweep = table.sweep
+        values = self.spec.get("sweep_values") or sweep["values"]
+        found = {}
+        for value in values:
+            overrides = [
+                *arm.overrides,
+                *table.common,
+                *sweep.overrides,
+                *self.spec.overrides,
+                f"{sweep.key}={value}",
+                f"seed={sweep.seed}",
+            ]
+            name = f"{table.name}/sweep/{slug(arm.name)}/{sweep.key}={value}/seed{sweep.seed}"
+            found[float(value)] = self.score(name, overrides, table, [sweep.split])[
+                f"{sweep.split}/{sweep.score}"
+            ]
+        return max(found, key=found.get), found
+
+    def probe(self, table: DictConfig, arms: list, names: dict[str, str]) -> str:
+        """The AntiCo term of each arm that has one, at the end of its first seed's run."""
+        lines = [
+            f"\nThe AntiCo term after training (seed {self.spec.seeds[0]}, last checkpoint, one batch of every "
+            "training class x 10 images; the term unweighted, exp(-R) in the official form; the gradients "
+            "of the weighted term):\n",
+            "| arm | variant | weight | term | R | gradient to the embeddings | gradient to the proxies |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for arm in arms:
+            last = self.last.get((arm.name, self.spec.seeds[0]))
+            found = antico_probe(last) if last is not None else None
+            if found:
+                lines.append(
+                    f"| {names[arm.name]} | {found['variant']} | {found['weight']:g} | {found['value']:.3g} "
+                    f"| {found['rate']:.3g} "
+                    f"| {found['embedding_grad']:.3g} | {found['proxy_grad']:.3g} |"
+                )
+        return "\n".join(lines) + "\n"
+
+    def table(self, table: DictConfig) -> str:
+        arms, names, notes = list(table.arms)[: self.spec.max_arms or None], {}, []
+        scores: dict[str, list[dict[str, float]]] = {}
+        for arm in arms:
+            overrides = list(arm.overrides)
+            names[arm.name] = arm.name
+            if arm.get("sweep"):
+                best, found = self.sweep(table, arm)
+                overrides.append(f"{table.sweep.key}={best}")
+                names[arm.name] = f"{arm.name} {best:g}"
+                tried = ", ".join(f"{v:g}: {s:.3f}" for v, s in found.items())
+                notes.append(f"- {arm.name}: {tried} -> {best:g}")
+            for seed in self.spec.seeds:
+                picture = names[arm.name] if table.pictures and seed == self.spec.seeds[0] else None
+                run = [*overrides, *table.common, *self.spec.overrides, f"seed={seed}"]
+                name = f"{table.name}/{slug(names[arm.name])}/seed{seed}"
+                scores.setdefault(arm.name, []).append(self.score(name, run, table, table.splits, picture))
+                self.last[(arm.name, seed)] = self.done[tuple(run)][1]
+        text = table_section(table, arms, names, scores)
+        if notes:
+            sweep = table.sweep
+            text += f"\n{sweep.description} ({sweep.key}; {sweep.split} {sweep.score} by value):\n\n"
+            text += "\n".join(notes) + "\n"
+        verdicts = [verdict(claim, scores) for claim in table.get("claims", [])]
+        verdicts = [v for v in verdicts if v]
+        if verdicts:
+            text += "\nClaims (difference of means, Welch 95% interval; 'not separated' when it spans 0):\n\n"
+            text += "\n".join(verdicts) + "\n"
+        if table.get("probe"):
+            text += self.probe(table, arms, names)
+        return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m dml.study [study=full|quick] [out=docs/results.md] [runs=logs/study/<time>]``."""
+    options = {
+        "study": "full",
+        "out": "docs/results.md",
+        "runs": f"logs/study/{time.strftime('%Y-%m-%d_%H-%M-%S')}",
+    }
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, _, value = arg.partition("=")
+        if key not in options or not value:
+            sys.exit(f"error: unknown argument {arg!r}; use " + " ".join(f"{k}=<{k}>" for k in options))
+        options[key] = value
+    runs = Path(options["runs"])
+    try:
+        out = run_study(load_spec(options["study"]), Path(options["out"]), runs)
+    except (KeyboardInterrupt, RunStopped) as e:
+        again = " ".join(f"{k}={v}" for k, v in options.items() if k != "runs")
+        fail(
+            f"the study was stopped before its report was written; the runs it finished are kept in {runs}. "
+            f'Go on from them with: python -m dml.study {again} runs={runs}  (make study ARGS="{again} runs={runs}")',
+            getattr(e, "exit_code", 130),
+        )
+    except UserError as e:
+        fail(str(e))
+    print(f"wrote {out}")  # noqa: T201 - the command's result
+
+
+if __name__ == "__main__":
+    main()
