@@ -58,6 +58,29 @@ def run_entry(
     )
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """The last checkpoint of a short synthetic run (seed 1), trained once per test session."""
+    from dml.tasks import train
+
+    folder = tmp_path_factory.mktemp("run")
+    train(compose_config([*FAST_RUN, "seed=1"], folder))
+    return folder / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def embedder(checkpoint):
+    from dml.inference import Embedder
+
+    return Embedder.from_checkpoint(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def test_split(embedder):
+    """The synthetic run's test split, embedded (180 x 64)."""
+    return embedder.embed_split("test", progress=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

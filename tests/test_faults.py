@@ -66,14 +66,30 @@ def test_overwrite_true_replaces_the_earlier_run(tmp_path):
     assert not (tmp_path / ".replaced").exists(), "the replaced run goes once the new one has finished"
 
 
-def test_a_replacement_that_fails_leaves_the_earlier_run_recoverable(finished, tmp_path):
+def test_a_replacement_that_fails_leaves_the_earlier_run_recoverable(finished, tmp_path, capsys):
     import shutil
+
+    from dml.command import run_cli
 
     run, before = finished
     shutil.copytree(run, tmp_path / "run")
-    with pytest.raises(UserError, match="monitor.metric"):
-        fit(tmp_path / "run", "overwrite=true", "monitor.metric=val/recal@1")
+    cfg = compose(
+        [*FAST_RUN, "~logger", "overwrite=true", "monitor.metric=val/recal@1"], output_dir=tmp_path / "run"
+    )
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(train, cfg)
+    said = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in said and "monitor.metric" in said
+    assert (
+        f"The finished run this one was to replace is kept as it was in {tmp_path / 'run' / '.replaced'}"
+        in said
+    )
     assert digests(tmp_path / "run" / ".replaced") == before
+    # The same command without overwrite=true must not train over it (and delete it when done).
+    with pytest.raises(UserError, match=r"holds a finished run, set aside in .*\.replaced .* overwrite=true"):
+        fit(tmp_path / "run", "trainer.max_epochs=1")
+    assert digests(tmp_path / "run" / ".replaced") == before
+    assert not (tmp_path / "run" / "test_metrics.json").exists()
 
 
 def test_a_folder_whose_run_never_wrote_a_checkpoint_is_trained_into(tmp_path):
@@ -135,6 +151,38 @@ def test_config_mistakes_are_caught_before_the_first_batch(tmp_path, override, m
     with pytest.raises(UserError, match=message):
         fit(tmp_path, override)
     assert not (tmp_path / "checkpoints").exists(), "nothing trained"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dataset.batch_size=abc", "dataset.batch_size='abc' must be a whole number$"),
+        ("trainer.max_epochs=x", "trainer.max_epochs='x' must be a whole number or null"),
+        ("+dataset.skip_bad_images=true", "dataset.skip_bad_images is not a setting of SyntheticDataModule"),
+    ],
+)
+def test_values_that_cannot_work_are_named_before_anything_is_built(tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        fit(tmp_path, override)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_rgb_model_on_a_grayscale_dataset_is_told_how_to_fit_them(tmp_path):
+    from dml.tasks import build_data_and_module
+
+    # as evaluate.py meets it: the stored backbone took 3 channels, the dataset chosen now has 1
+    cfg = compose(["backbone=timm_test", "dataset=mnist", "backbone.in_chans=3"], output_dir=tmp_path)
+    with pytest.raises(
+        UserError, match="dataset mnist gives 1-channel .* takes 3-channel ones: set dataset.channels=3"
+    ):
+        build_data_and_module(cfg)
+
+
+def test_evaluate_without_a_checkpoint_says_how_to_give_one(tmp_path):
+    from dml.tasks import evaluate
+
+    with pytest.raises(UserError, match=r"ckpt_path= must be given: python evaluate.py ckpt_path=<run>"):
+        evaluate(compose([], name="evaluate", output_dir=tmp_path))
 
 
 def test_metric_names_are_what_evaluation_logs(finished):

@@ -68,9 +68,9 @@ def test_a_sweep_goes_on_past_a_failed_job_and_lists_it(tmp_path):
     assert (sweep / "1" / "test_metrics.json").is_file(), "the job after the failed one ran"
 
 
-def test_a_diverged_optuna_trial_is_a_failed_trial_and_the_search_goes_on(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_entry(
+def optuna_search(sweep, params: str, *extra: str):
+    """train.py's two-trial Optuna search of ``params`` on synthetic data into ``sweep``."""
+    return run_entry(
         "train.py",
         [
             *FAST_RUN,
@@ -81,10 +81,19 @@ def test_a_diverged_optuna_trial_is_a_failed_trial_and_the_search_goes_on(tmp_pa
             "dataset.batch_size=16",
             "trainer.max_epochs=1",
             "hydra.sweeper.n_trials=2",
-            "seed=0",  # the sampler's seed too: its two start-up draws are 0.5, then 1e40
-            "hydra.sweeper.params={loss.antico_weight:'choice(1e40, 0.5)',loss.terms.antico.loss.eps:'choice(0.5)'}",
+            *extra,
+            f"hydra.sweeper.params={params}",
             f"hydra.sweep.dir={sweep}",
         ],
+    )
+
+
+def test_a_diverged_optuna_trial_is_a_failed_trial_and_the_search_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = optuna_search(
+        sweep,
+        "{loss.antico_weight:'choice(1e40, 0.5)',loss.terms.antico.loss.eps:'choice(0.5)'}",
+        "seed=0",  # the sampler's seed too: its two start-up draws are 0.5, then 1e40
     )
     one_message(proc, 1, "1 job(s) of the sweep failed")
     results = (sweep / "optimization_results.yaml").read_text()
@@ -179,18 +188,102 @@ def test_evaluate_on_another_dataset_takes_that_dataset_whole(cub_run, tmp_path)
     assert ckpt.with_name("last.cub.metrics.json").is_file()
 
 
-def test_an_image_unreadable_in_a_loader_worker_is_one_message(cub_run, tmp_path):
+def test_evaluate_takes_keys_of_the_stored_dataset_and_names_a_channel_mismatch(cub_run, tmp_path):
+    base, run = cub_run
+    ckpt = run / "checkpoints" / "last.ckpt"
+    moved = f"paths.data_dir={base / 'moved'}"
+    # dataset.skip_bad_images is a key of CUB's config, not of the default (MNIST) one evaluate.py composes
+    proc = run_entry(
+        "evaluate.py",
+        [f"ckpt_path={ckpt}", moved, "dataset.skip_bad_images=true", f"hydra.run.dir={tmp_path / 'a'}"],
+    )
+    assert proc.returncode == 0, out_of(proc)
+    proc = run_entry("evaluate.py", [f"ckpt_path={ckpt}", "dataset=mnist", f"hydra.run.dir={tmp_path / 'b'}"])
+    one_message(
+        proc,
+        2,
+        "dataset mnist gives 1-channel images and the backbone takes 3-channel ones: set dataset.channels=3",
+    )
+    proc = run_entry(
+        "evaluate.py",
+        [f"ckpt_path={ckpt}", moved, "dataset.batch_size=abc", f"hydra.run.dir={tmp_path / 'c'}"],
+    )
+    one_message(proc, 2, "dataset.batch_size='abc' must be a whole number")
+
+
+@pytest.mark.parametrize("pipeline", ["classic", "fast"])
+def test_an_image_unreadable_in_a_loader_worker_is_one_message(cub_run, tmp_path, pipeline):
     base, run = cub_run
     images = base / "moved" / "cub" / "CUB_200_2011" / "images"
-    victim = next(p for p in images.rglob("*.jpg") if p.parent.name.startswith("10"))  # a test class
+    victim = sorted(p for p in images.rglob("*.jpg") if p.parent.name.startswith("10"))[0]  # a test class
     victim.write_bytes(b"")
     proc = run_entry(
         "evaluate.py",
         [
             f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
             "dataset.num_workers=1",
+            f"dataset.pipeline={pipeline}",  # fast: the bytes are read in the worker, decoded in the main process
             f"paths.data_dir={base / 'moved'}",
             f"hydra.run.dir={tmp_path}",
         ],
     )
     one_message(proc, 2, f"cannot read image {victim}")
+
+
+@pytest.mark.parametrize(
+    "script, message",
+    [
+        ("embed.py", "ckpt_path= must be given: python embed.py ckpt_path=<ckpt> images="),
+        ("index.py", "embeddings= must be given: python index.py embeddings=<file>"),
+        ("search.py", "index=, query= must be given: python search.py index=<dir> query="),
+        ("export.py", "ckpt_path= must be given: python export.py ckpt_path=<ckpt>"),
+        ("evaluate.py", "ckpt_path= must be given: python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt"),
+    ],
+)
+def test_an_entry_point_without_its_required_argument_is_one_message(tmp_path, script, message):
+    proc = run_entry(script, [], cwd=tmp_path)
+    one_message(proc, 2, message)
+    assert "Warning" not in out_of(proc)
+    assert not (tmp_path / "logs").exists() or script == "evaluate.py", "no run folder for a refused command"
+
+
+def test_a_run_without_hydra_run_dir_prints_no_internal_warning_and_claims_its_folder(tmp_path):
+    proc = run_entry("train.py", [*FAST_RUN, "trainer.max_epochs=1"], cwd=tmp_path)
+    assert proc.returncode == 0, out_of(proc)
+    assert "InterpolationResolutionError" not in out_of(proc) and "Callback RunFolders" not in out_of(proc)
+    assert len(list((tmp_path / "logs" / "train" / "runs").iterdir())) == 1
+
+
+def test_a_path_hydra_cannot_read_is_told_how_to_quote(tmp_path):
+    photo = tmp_path / "фото [final].jpg"
+    proc = run_entry("search.py", [f"index={tmp_path / 'index'}", f"query={photo}"], cwd=tmp_path)
+    one_message(proc, 2, "must be quoted for Hydra", f'query="{photo}"')
+    quoted = shlex.split(out_of(proc).rsplit("which in a shell is ", 1)[1].strip())
+    proc = run_entry("search.py", [f"index={tmp_path / 'index'}", *quoted], cwd=tmp_path)
+    one_message(proc, 2, f"index='{tmp_path / 'index'}' is not an index folder")
+
+
+def test_embed_into_a_read_only_folder_is_refused_before_the_model_runs(cub_run, tmp_path):
+    _, run = cub_run
+    (tmp_path / "shared").mkdir()
+    with read_only(tmp_path / "shared"):
+        proc = run_entry(
+            "embed.py",
+            [
+                f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                f"out={tmp_path / 'shared' / 'e.safetensors'}",
+            ],
+            cwd=tmp_path,
+        )
+    one_message(
+        proc, 2, f"out='{tmp_path / 'shared' / 'e.safetensors'}' cannot be written", "Read-only file system"
+    )
+    assert list((tmp_path / "shared").iterdir()) == []
+
+
+def test_an_optuna_search_whose_every_trial_fails_ends_in_the_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = optuna_search(sweep, "{loss.antico_weight:'choice(nan)'}")
+    one_message(
+        proc, 1, "all 2 jobs of the sweep failed", f"{sweep / '0'}: the loss is not finite", f"{sweep / '1'}:"
+    )

@@ -12,26 +12,9 @@ from PIL import Image
 
 from dml.errors import UserError
 from dml.evaluation.retrieval import knn
-from dml.inference import Embedder, Embeddings, Index, export
-from dml.tasks import evaluate, train
-from tests.conftest import FAST_RUN, compose_config, run_entry
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("run")
-    train(compose_config([*FAST_RUN, "seed=1"], folder))
-    return folder / "run" / "checkpoints" / "last.ckpt"
-
-
-@pytest.fixture(scope="module")
-def embedder(checkpoint):
-    return Embedder.from_checkpoint(checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def test_split(embedder):
-    return embedder.embed_split("test", progress=False)
+from dml.inference import Embeddings, Index, export
+from dml.tasks import evaluate
+from tests.conftest import compose_config, run_entry
 
 
 def evaluate_recall(checkpoint, tmp_path) -> float:

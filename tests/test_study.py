@@ -4,9 +4,12 @@ import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from scipy.stats import ttest_ind
 
-from dml.study import difference_ci, load_spec, main, mean_and_ci
+from dml.errors import UserError
+from dml.runs import RunStopped
+from dml.study import difference_ci, load_spec, main, mean_and_ci, run_study, train_run
 from tests.conftest import ROOT
 
 CELL = r"-?\d+\.\d{3} \+/- (\d+\.\d{3}|nan)"
@@ -122,3 +125,101 @@ def test_quick_study_writes_tables_sweeps_claims_paper_numbers_and_pictures(tmp_
     best = max(scores, key=scores.get) if scores["0.1"] != scores["1"] else tried[3]  # a tie at 3 decimals
     assert tried[3] == best and f"| Proxy-Anchor + AntiCo batch_proxy, swept weight {best} | " in antico
     assert len(list((tmp_path / "runs" / "antico" / "sweep").glob("*/*/seed0/checkpoints/last.ckpt"))) == 2
+
+
+# --- bad input and stops (issue 27, case 5) ---------------------------------------------------------------
+
+
+def one_run_spec():
+    """A study of one table, one arm, one seed: a one-epoch synthetic run."""
+    arm = {
+        "name": "smoke",
+        "overrides": ["experiment=synthetic_smoke", "trainer.max_epochs=1", "trainer.accelerator=cpu"],
+    }
+    table = {
+        "name": "t",
+        "title": "One arm",
+        "common": [],
+        "splits": {"test": "test classes"},
+        "ks": [1],
+        "nmi_multiples": [],
+        "columns": ["recall@1"],
+        "pictures": False,
+        "arms": [arm],
+    }
+    return OmegaConf.create(
+        {"seeds": [1], "overrides": [], "max_arms": None, "sweep_values": None, "tables": [table]}
+    )
+
+
+def test_a_finished_study_s_runs_are_used_again_and_a_stopped_one_goes_on(tmp_path, monkeypatch):
+    import dml.study.runner as runner
+
+    out, runs = tmp_path / "results.md", tmp_path / "runs"
+    run_study(one_run_spec(), out, runs)
+    first = out.read_text().split("\n", 3)[3]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runner, "train_run", no_training)
+    run_study(one_run_spec(), out, runs)
+    assert out.read_text().split("\n", 3)[3] == first, "the same runs, the same report"
+
+    (runs / "t" / "smoke" / "seed1" / "study_run.json").unlink()  # stopped after its last checkpoint
+    resumed = []
+    monkeypatch.setattr(
+        runner,
+        "train_run",
+        lambda name, overrides, d: resumed.append(overrides) or train_run(name, overrides, d),
+    )
+    run_study(one_run_spec(), out, runs)
+    assert resumed and resumed[0][-1] == "ckpt_path=last"
+
+    other = one_run_spec()
+    other.tables[0].arms[0].overrides.append("seed=3")  # another run under the same name
+    with pytest.raises(
+        UserError, match=r"runs=.* holds a run of other settings .* give the study another runs= folder"
+    ):
+        run_study(other, out, runs)
+
+
+@pytest.mark.parametrize("what", ["folder", "other file"])
+def test_a_report_path_that_cannot_take_the_report_is_refused_before_training(
+    tmp_path, monkeypatch, capsys, what
+):
+    import dml.study.runner as runner
+
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: pytest.fail("trained before the refusal"))
+    out = tmp_path / "report"
+    out.mkdir() if what == "folder" else out.write_text("# my notes\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["study=quick", f"out={out}", f"runs={tmp_path / 'runs'}"])
+    said = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in said
+    assert (
+        "is a folder; give the report's file" if what == "folder" else "is not a report written by make study"
+    ) in said
+    assert out.is_dir() if what == "folder" else out.read_text() == "# my notes\n"
+
+
+@pytest.mark.parametrize(
+    "stop, code", [(KeyboardInterrupt(), 130), (RunStopped("training was stopped by SIGTERM", 143), 143)]
+)
+def test_a_stopped_study_is_one_message_with_the_command_that_goes_on(
+    tmp_path, monkeypatch, capsys, stop, code
+):
+    import dml.study.runner as runner
+
+    def stopped(*args):
+        raise stop
+
+    monkeypatch.setattr(runner, "run_study", stopped)
+    with pytest.raises(SystemExit) as exit_:
+        main(["study=quick", f"runs={tmp_path / 'runs'}"])
+    said = capsys.readouterr().err
+    assert exit_.value.code == code and "Traceback" not in said
+    assert (
+        f"Go on from them with: python -m dml.study study=quick out=docs/results.md runs={tmp_path / 'runs'}"
+        in said
+    )

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 import traceback
@@ -195,6 +196,8 @@ def check_command_line(argv: Sequence[str]) -> None:
             parser.parse_overrides([arg])
         except OverrideParseException:
             key, value = arg.split("=", 1)
+            if re.match(r"\s*([\[{]|\w+\()", value):
+                return  # a list, a dict or a sweep (choice(...)) typed wrong, not a name to quote
             quoted = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
             try:
                 parser.parse_overrides([f"{key}={quoted}"])

@@ -97,7 +97,11 @@ def _allowed(annotation: Any) -> tuple[type, ...] | None:
 
 def _parameters(target: str) -> tuple[dict[str, Any], set[str] | None]:
     """What ``_target_`` takes: its parameters' annotations (a class: its ``__init__`` and those of the
-    bases its ``**kwargs`` reach) and their names, ``None`` for the names when it takes any keyword."""
+    bases its ``**kwargs`` reach) and their names, ``None`` for the names when it takes any keyword.
+
+    Only dml's own classes are known to hand their ``**kwargs`` to their base class; another library's
+    ``**kwargs`` may go anywhere (Lightning's ``DDPStrategy`` hands them to torch's DDP), so they take any
+    keyword."""
     try:
         obj = get_object(target)
     except Exception:  # noqa: BLE001 - instantiation will say what is wrong with the target
@@ -118,6 +122,9 @@ def _parameters(target: str) -> tuple[dict[str, Any], set[str] | None]:
             return {}, None
         names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+        if not function.__module__.startswith("dml."):
+            names = None  # another library's **kwargs: anything goes
             break
     else:
         names = None  # **kwargs all the way up: anything goes

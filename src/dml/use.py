@@ -144,17 +144,18 @@ def _print(queries: Embeddings, result: SearchResult, metrics: dict[str, float],
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"nearest neighbours ({result.score_name})")
-    table.add_column("query")
-    for j in range(min(result.ids.shape[1], 3)):
-        table.add_column(f"#{j + 1}")
-    for row in rows(queries, result, limit, neighbours=3):
-        # file names are text, not rich markup: "photo [final].png" keeps its brackets
-        table.add_row(
-            escape(short_name(row["query"])),
-            *[escape(f"{short_name(n['name'])} {n[result.score_name]:.3f}") for n in row["neighbours"]],
-        )
-    Console().print(table)
+    if limit:
+        table = Table(title=f"nearest neighbours ({result.score_name})")
+        table.add_column("query")
+        for j in range(min(result.ids.shape[1], 3)):
+            table.add_column(f"#{j + 1}")
+        for row in rows(queries, result, limit, neighbours=3):
+            # file names are text, not rich markup: "photo [final].png" keeps its brackets
+            table.add_row(
+                escape(short_name(row["query"])),
+                *[escape(f"{short_name(n['name'])} {n[result.score_name]:.3f}") for n in row["neighbours"]],
+            )
+        Console().print(table)
     if metrics:
         print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))  # noqa: T201
 

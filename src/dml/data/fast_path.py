@@ -78,7 +78,13 @@ class EncodedFiles:
             data = path.read_bytes()
         except OSError as e:
             raise UserError(unreadable_message(path, e)) from e
-        return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), str(path))
+        # an empty file is named by the decoder, like any other it cannot read
+        tensor = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if data
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        return Encoded(tensor, str(path))
 
 
 class EncodedTensors:

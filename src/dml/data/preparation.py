@@ -26,6 +26,7 @@ from PIL import Image
 
 from dml.data.images import convert, to_8bit
 from dml.errors import UserError
+from dml.io import write_atomic
 from dml.log import get_logger
 
 log = get_logger(__name__)
@@ -279,15 +280,11 @@ def write_index(root: Path, splits: dict[str, dict[str, list[Any]]], skipped: in
     """
     text = json.dumps({"version": INDEX_VERSION, "skipped_images": skipped, "splits": splits})
     for path in (root / INDEX_NAME, index_cache_path(root)):
-        tmp = path.with_name(path.name + ".tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
-            tmp.replace(path)
-        except OSError as e:
-            with contextlib.suppress(OSError):  # a read-only folder refuses even this
-                tmp.unlink(missing_ok=True)
-            log.info("cannot write the index %s (%s)", path, e.strerror or e)
+            write_atomic(path, text)
+        except (OSError, UserError) as e:
+            log.info("cannot write the index %s (%s)", path, getattr(e, "strerror", None) or e)
             continue
         if path.parent != root:
             log.info("%s is read-only: its index is kept in %s", root, path)
