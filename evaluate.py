@@ -1,4 +1,4 @@
-"""Evaluate a trained checkpoint: python evaluate.py ckpt_path=<path>.ckpt [dataset.root=...]."""
+"""Evaluate a trained checkpoint: python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt [dataset.root=...]."""
 
 import sys
 

@@ -13,13 +13,21 @@ from dml.errors import UserError
 
 
 @pytest.mark.parametrize(
-    "value", ["/data/фото.jpg", "/photos/photo [final] v2.png", "/a/b(1).png", '/a/ça "va".png']
+    "value",
+    [
+        "/data/фото.jpg",
+        "/photos/photo [final] v2.png",
+        "/a/b(1).png",
+        '/a/ça "va".png',
+        "photo(1).png",
+        "[final].png",
+    ],
 )
 def test_a_value_hydra_cannot_read_gets_its_quoted_form(value, capsys):
     with pytest.raises(SystemExit) as stopped:
         check_command_line(["k=5", f"query={value}"])
     said = capsys.readouterr().err
-    assert stopped.value.code == 2 and "must be quoted for Hydra" in said
+    assert stopped.value.code == 2 and "quote it for Hydra" in said
     shell = said.rsplit("which in a shell is ", 1)[1].strip()
     (override,) = OverridesParser.create().parse_overrides(shlex.split(shell))
     assert override.key_or_group == "query" and override.value() == value, (
@@ -31,7 +39,7 @@ def test_values_hydra_reads_or_that_quoting_cannot_mend_pass_to_hydra():
     check_command_line(
         ["query=/data/photo.jpg", "k=abc", "-m", "loss.antico_weight=0.1,1", "query='/d/фото.jpg'"]
     )
-    check_command_line(["a=[1,2"])  # not a quoting matter: Hydra's own message says what is wrong
+    check_command_line(["loss.antico_weight=choice(1,2"])  # a sweep typed wrong: Hydra says what is wrong
 
 
 def test_missing_values_are_named_with_the_usage_line(monkeypatch):

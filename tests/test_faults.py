@@ -90,6 +90,11 @@ def test_a_replacement_that_fails_leaves_the_earlier_run_recoverable(finished, t
         fit(tmp_path / "run", "trainer.max_epochs=1")
     assert digests(tmp_path / "run" / ".replaced") == before
     assert not (tmp_path / "run" / "test_metrics.json").exists()
+    # Nor train from the set-aside run's checkpoint in place (its end would delete what it started from).
+    inside = tmp_path / "run" / ".replaced" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match=r"ckpt_path=.* is in .*\.replaced.* take it back first"):
+        fit(tmp_path / "run", f"ckpt_path={inside}", "overwrite=true")
+    assert digests(tmp_path / "run" / ".replaced") == before
 
 
 def test_a_folder_whose_run_never_wrote_a_checkpoint_is_trained_into(tmp_path):

@@ -244,7 +244,7 @@ def test_an_entry_point_without_its_required_argument_is_one_message(tmp_path, s
     proc = run_entry(script, [], cwd=tmp_path)
     one_message(proc, 2, message)
     assert "Warning" not in out_of(proc)
-    assert not (tmp_path / "logs").exists() or script == "evaluate.py", "no run folder for a refused command"
+    assert not (tmp_path / "logs").exists(), "no run folder for a refused command"
 
 
 def test_a_run_without_hydra_run_dir_prints_no_internal_warning_and_claims_its_folder(tmp_path):
@@ -257,7 +257,7 @@ def test_a_run_without_hydra_run_dir_prints_no_internal_warning_and_claims_its_f
 def test_a_path_hydra_cannot_read_is_told_how_to_quote(tmp_path):
     photo = tmp_path / "фото [final].jpg"
     proc = run_entry("search.py", [f"index={tmp_path / 'index'}", f"query={photo}"], cwd=tmp_path)
-    one_message(proc, 2, "must be quoted for Hydra", f'query="{photo}"')
+    one_message(proc, 2, "quote it for Hydra", f'query="{photo}"')
     quoted = shlex.split(out_of(proc).rsplit("which in a shell is ", 1)[1].strip())
     proc = run_entry("search.py", [f"index={tmp_path / 'index'}", *quoted], cwd=tmp_path)
     one_message(proc, 2, f"index='{tmp_path / 'index'}' is not an index folder")

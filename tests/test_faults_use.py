@@ -318,3 +318,36 @@ def test_search_needing_a_moved_dataset_refuses_before_writing_and_can_run_again
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing written"
     search_task(search_config(tmp_path, tmp_path / "index", f"query={query}", "k=3", f"dataset_root={new}"))
     assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "results.html").is_file()
+
+
+def test_a_gpu_this_machine_lacks_is_one_message(monkeypatch):
+    from dml.inference.embedder import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(UserError, match=r"device='cuda:1' but this machine has 1 GPU\(s\), numbered from 0"):
+        resolve_device("cuda:1")
+
+
+def test_an_output_replaced_by_a_write_that_fails_at_the_last_step_comes_back(tmp_path, monkeypatch):
+    import os
+
+    import dml.io
+
+    path = tmp_path / "embeddings.safetensors"
+    path.write_bytes(b"the finished output")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old output moved aside; the new one's rename is interrupted
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(dml.io.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), dml.io.atomic_path(path) as tmp:
+        tmp.write_bytes(b"the new output")
+    monkeypatch.setattr(dml.io.os, "replace", real)
+    assert path.read_bytes() == b"the finished output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name], "nothing half-written beside it"

@@ -166,7 +166,8 @@ def test_a_finished_study_s_runs_are_used_again_and_a_stopped_one_goes_on(tmp_pa
     run_study(one_run_spec(), out, runs)
     assert out.read_text().split("\n", 3)[3] == first, "the same runs, the same report"
 
-    (runs / "t" / "smoke" / "seed1" / "study_run.json").unlink()  # stopped after its last checkpoint
+    marker = runs / "t" / "smoke" / "seed1" / "study_run.json"
+    marker.write_text(marker.read_text().replace('"finished": true', '"finished": false'))  # as if stopped
     resumed = []
     monkeypatch.setattr(
         runner,
@@ -182,6 +183,9 @@ def test_a_finished_study_s_runs_are_used_again_and_a_stopped_one_goes_on(tmp_pa
         UserError, match=r"runs=.* holds a run of other settings .* give the study another runs= folder"
     ):
         run_study(other, out, runs)
+    marker.unlink()  # a folder this study did not start
+    with pytest.raises(UserError, match=r"holds files this study did not write"):
+        run_study(one_run_spec(), out, runs)
 
 
 @pytest.mark.parametrize("what", ["folder", "other file"])

@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from dml.config import check_types
 from dml.errors import UserError
 from dml.io import write_atomic
 from dml.log import get_logger
@@ -68,6 +69,11 @@ def _usage() -> str:
     return doc[0].split(": ", 1)[1].rstrip(".") if doc and ": python " in doc[0] else ""
 
 
+# Keys a task needs that its config cannot mark ??? (evaluate.yaml's ckpt_path merges over train's null,
+# and OmegaConf keeps a value that ??? is merged over).
+REQUIRED = {"evaluate": ("ckpt_path",)}
+
+
 def check_required(cfg: DictConfig) -> None:
     """Refuse a config whose mandatory values (``???``) were not given, naming them and the usage line."""
     own = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])  # Hydra's own has ??? too
@@ -75,6 +81,7 @@ def check_required(cfg: DictConfig) -> None:
         missing = sorted(OmegaConf.missing_keys(own))
     except Exception:  # noqa: BLE001 - a broken interpolation: the task itself reports it
         return
+    missing += [key for key in REQUIRED.get(cfg.get("task_name"), ()) if cfg.get(key) in (None, "", [])]
     if missing:
         usage = _usage()
         raise UserError(
@@ -126,6 +133,8 @@ def run_cli(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
             _record_failed_job(cfg, e, user_error)
             return None  # no value: Optuna records a failed trial (NaN would end its search)
         note = _replaced_note(cfg)
+        if ".replaced" in str(user_error):  # the message says it already
+            note = ""
         if user_error is None:
             if note:
                 print(note.strip(), file=sys.stderr)  # noqa: T201 - the traceback follows
@@ -162,6 +171,7 @@ class RunFolders(Callback):
         try:
             check_required(config)
             if config.get("task_name") == "train":
+                check_types(config)  # a typo must not set a finished run aside (overwrite=true)
                 claim_run_dir(folder, config.get("ckpt_path"), bool(config.get("overwrite")))
             else:
                 check_writable(folder, "hydra.run.dir=<folder>")
@@ -177,6 +187,22 @@ class RunFolders(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         report_failed_jobs(Path(config.hydra.sweep.dir))
+
+
+# Functions of Hydra's override grammar: a value that starts with one is a sweep (choice(1,2)), not a name.
+GRAMMAR_FUNCTIONS = (
+    "choice",
+    "range",
+    "interval",
+    "tag",
+    "sort",
+    "shuffle",
+    "glob",
+    "int",
+    "float",
+    "str",
+    "bool",
+)
 
 
 def check_command_line(argv: Sequence[str]) -> None:
@@ -196,16 +222,16 @@ def check_command_line(argv: Sequence[str]) -> None:
             parser.parse_overrides([arg])
         except OverrideParseException:
             key, value = arg.split("=", 1)
-            if re.match(r"\s*([\[{]|\w+\()", value):
-                return  # a list, a dict or a sweep (choice(...)) typed wrong, not a name to quote
+            if re.match(rf"\s*({'|'.join(GRAMMAR_FUNCTIONS)})\(", value):
+                return  # a sweep (choice(...)) typed wrong, not a name to quote
             quoted = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
             try:
                 parser.parse_overrides([f"{key}={quoted}"])
             except OverrideParseException:
                 return  # not a quoting matter: Hydra's own message says what is wrong
             fail(
-                f"Hydra cannot read the value of {arg!r} as it stands: a value with non-ASCII letters, spaces "
-                "next to brackets, or characters such as [ ] ( ) { } must be quoted for Hydra. Write it as "
+                f"Hydra cannot read the value of {arg!r} as it stands. If it is a path or a name, quote it for "
+                "Hydra (a value with non-ASCII letters or characters such as [ ] ( ) { } must be quoted): write "
                 f"{key}={quoted}, which in a shell is {shlex.quote(f'{key}={quoted}')}"
             )
 

@@ -142,7 +142,9 @@ def _check_value(value: Any, annotation: Any, key: str) -> None:
             _KINDS[t] for t in dict.fromkeys(allowed) if t in _KINDS and not (t is int and float in allowed)
         ]
         kinds += ["null"] * (type(None) in allowed)
-        quote = f" (quote it for a string: {key}='{value}')" if str in allowed and value is not None else ""
+        quote = (
+            f""" (quote it for a string: "{key}='{value}'")""" if str in allowed and value is not None else ""
+        )
         raise UserError(f"{key}={value!r} must be {' or '.join(kinds)}{quote}")
 
 
@@ -166,7 +168,12 @@ def _walk(value: Any, key: str) -> None:
             _walk(item, key)
 
 
-def check_types(cfg: DictConfig, keys: Sequence[str]) -> None:
+# The groups a training run instantiates (the builders in dml.tasks, and the trainer), the ones that others
+# interpolate from first: a wrong value is named where it was typed (trainer.max_epochs, not scheduler.T_max).
+BUILT_GROUPS = ("trainer", "dataset", "head", "backbone", "model", "loss", "optimizer", "scheduler")
+
+
+def check_types(cfg: DictConfig, keys: Sequence[str] = BUILT_GROUPS) -> None:
     """Refuse, before anything is built, a value of the wrong type for the class the config's ``keys``
     (``dataset``, ``loss``, ...) instantiate, or for one nested in them, naming the key and the type its
     parameter takes (``dataset.batch_size='abc' must be a whole number``).

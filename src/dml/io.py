@@ -3,7 +3,8 @@
 - :func:`write_atomic` and :func:`atomic_path` write beside the target and rename into place, so a reader
   (or the next run) never sees half a file;
 - :func:`check_output` refuses an output path that cannot be written (an existing output, a read-only
-  folder, too little disk space, the process's file-size limit) before the work that fills it starts;
+  folder, too little disk space, the process's file-size limit) before the work that fills it starts,
+  and makes nothing while checking;
 - :func:`file_sha256` identifies a file by its content (a model's checkpoint, say).
 """
 
@@ -49,46 +50,50 @@ def _size(n: int) -> str:
     return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n:,} bytes"
 
 
+def unwritable(folder: Path, create: bool = False) -> str | None:
+    """Why files cannot be written in ``folder`` (``None`` when they can). Without ``create``, a folder that
+    does not exist yet is judged by the nearest one above it that does, and nothing is made; with it,
+    the folder is made and a file written and removed in it."""
+    if folder.exists() and not folder.is_dir():
+        return "it is a file"
+    if create or folder.is_dir():
+        probe = folder / f".dml_write_test.{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            return str(e.strerror or e)
+        return None
+    above = next(p for p in folder.parents if p.exists())
+    if not above.is_dir():
+        return f"{above} is a file"
+    if not os.access(above, os.W_OK | os.X_OK):  # a read-only file system too, for root
+        return f"{above} cannot be written"
+    return None
+
+
 def check_folder(folder: Path, key: str, what: str | None = None) -> None:
-    """Create ``folder`` if needed and check that files can be written in it.
+    """Check that files can be written in ``folder`` (made later, if it does not exist yet).
 
     Raises:
-        UserError: it is a file, or cannot be created or written; the message names ``what`` (by default
-            ``key=folder``) and says to choose another folder for ``key``.
+        UserError: naming ``what`` (by default ``key=folder``) and saying to choose another folder for
+            ``key``.
     """
-    probe = folder / f".dml_write_test.{os.getpid()}"
-    try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(20, "is a file")
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    problem = unwritable(folder)
+    if problem:
         shown = what or f"{key}={str(folder)!r}"
-        raise UserError(
-            f"{shown} cannot be written: {folder}: {e.strerror or e}; choose a writable folder for {key}"
-        ) from e
+        raise UserError(f"{shown} cannot be written: {folder}: {problem}; choose a writable folder for {key}")
 
 
-def check_output(
-    path: Path, key: str, overwrite: bool = False, size: int = 0, marker: str | None = None
-) -> None:
-    """Check, before any work, that ``path`` can receive an output of about ``size`` bytes.
-
-    ``marker``: the output is a folder, recognised as this package's by that file (see
-    :func:`refuse_existing`); otherwise a file, and a folder at ``path`` is refused even with
-    ``overwrite``.
+def check_space(path: Path, key: str, size: int) -> None:
+    """Check that the disk holding ``path``'s folder has ``size`` bytes free and that this process may
+    write a file of that size (``ulimit -f``).
 
     Raises:
-        UserError: naming ``key``: ``path`` holds an output (or something else), its folder cannot be
-            created or written, the disk has less than ``size`` bytes free, or ``size`` is over this
-            process's file-size limit (``ulimit -f``).
+        UserError: naming ``key`` and ``path``.
     """
-    if marker is None and path.is_dir():
-        raise UserError(f"{key}={str(path)!r} is a folder; give the path of a file to write")
-    refuse_existing(path, key, overwrite, marker)
-    folder = path.parent
-    check_folder(folder, key, f"{key}={str(path)!r}")
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     free = shutil.disk_usage(folder).free
     if size > free:
         raise UserError(
@@ -99,22 +104,41 @@ def check_output(
     if limit != resource.RLIM_INFINITY and size > limit:
         raise UserError(
             f"{key}={str(path)!r} needs about {_size(size)}, over this process's file-size limit of "
-            f"{_size(limit)} (ulimit -f); raise the limit or embed fewer images at once"
+            f"{_size(limit)} (ulimit -f); raise the limit or write less at once"
         )
 
 
-def _written(path: Path, error: OSError) -> UserError:
+def check_output(
+    path: Path, key: str, overwrite: bool = False, size: int = 0, marker: str | None = None
+) -> None:
+    """Check, before any work, that ``path`` can receive an output of about ``size`` bytes; nothing is
+    written or made.
+
+    ``marker``: the output is a folder, recognised as this package's by that file (see
+    :func:`refuse_existing`); otherwise a file.
+
+    Raises:
+        UserError: naming ``key``: ``path`` holds an output (or something else), its folder cannot be
+            written, or it would not fit (see :func:`check_space`).
+    """
+    refuse_existing(path, key, overwrite, marker)
+    check_folder(path.parent, key, f"{key}={str(path)!r}")
+    check_space(path, key, size)
+
+
+def write_failed(path: Path, reason: object) -> UserError:
+    """The error for an output that could not be written (and was not left half-written)."""
     return UserError(
-        f"could not write {path} ({error.strerror or error}); no partial file was left. Free disk space or "
-        "choose another folder"
+        f"could not write {path} ({reason}); no partial file was left. Free disk space or choose another folder"
     )
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write; it replaces ``path`` only when the block ends normally
-    (the old one moved aside first, deleted last), and is removed otherwise: a stopped run leaves
-    nothing that looks complete, and the old output stays until the new one is in place.
+    (the old one moved aside first, deleted once the new one is in place, put back otherwise), and is
+    removed otherwise: a stopped run leaves nothing that looks complete, and the old output stays until
+    the new one is in place.
 
     Raises:
         UserError: writing failed (a full disk, say); the message names ``path``.
@@ -122,20 +146,20 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    placed = False
     try:
         yield tmp
         if path.exists():
             os.replace(path, aside)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if aside.exists():  # the old output goes back where it was
-                os.replace(aside, path)
-            raise
+        os.replace(tmp, path)
+        placed = True
     except OSError as e:
-        raise _written(path, e) from e
+        raise write_failed(path, e.strerror or e) from e
     finally:
-        for leftover in (tmp, aside):
+        if not placed and aside.exists() and not path.exists():
+            with contextlib.suppress(OSError):  # the old output goes back (kept aside if even this fails)
+                os.replace(aside, path)
+        for leftover in (tmp, aside) if placed else (tmp,):
             with contextlib.suppress(OSError):
                 if leftover.is_dir():
                     shutil.rmtree(leftover, ignore_errors=True)

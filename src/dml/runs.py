@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from dml.errors import UserError
+from dml.io import unwritable
 from dml.log import get_logger
 
 log = get_logger(__name__)
@@ -64,18 +65,12 @@ def check_writable(folder: Path, option: str) -> None:
     Raises:
         UserError: it is a file, or it cannot be created or written; the message names ``option``.
     """
-    probe = folder / f".dml_write_test.{os.getpid()}"
-    try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(20, "it is a file")
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
+    problem = unwritable(folder, create=True)
+    if problem:
         raise UserError(
-            f"cannot write the run folder {folder} ({e.strerror or e}); choose a writable one with {option} "
+            f"cannot write the run folder {folder} ({problem}); choose a writable one with {option} "
             "(or paths.log_dir=<folder> for every run)"
-        ) from e
+        )
 
 
 def claim_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
@@ -92,9 +87,18 @@ def claim_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool) -> N
     if not is_launching_process():
         return  # the launching process checked the folder; the others must not race it
     check_writable(output_dir, "hydra.run.dir=<folder>")
+    replaced = output_dir / REPLACED
+    if (
+        ckpt_path
+        and ckpt_path != "last"
+        and Path(ckpt_path).expanduser().resolve().is_relative_to(replaced.resolve())
+    ):
+        raise UserError(
+            f"ckpt_path={ckpt_path} is in {replaced}, the finished run an overwrite=true run set aside; nothing was "
+            f"changed. To go on from it, take it back first: {restore_hint(output_dir)}"
+        )
     if _resumes_inside(output_dir, ckpt_path):
         return
-    replaced = output_dir / REPLACED
     if replaced.is_dir() and not overwrite:
         raise UserError(
             f"the run folder {output_dir} holds a finished run, set aside in {replaced} by an overwrite=true "
@@ -141,7 +145,8 @@ def replaced_note(output_dir: Path) -> str | None:
         return None
     return (
         f"The finished run this one was to replace is kept as it was in {replaced}: it is removed only when a "
-        f"run in this folder finishes with overwrite=true. To take it back, {restore_hint(output_dir)}."
+        "run in this folder finishes with overwrite=true, or when this one is resumed (ckpt_path=last) and "
+        f"finishes. To take it back, {restore_hint(output_dir)}."
     )
 
 

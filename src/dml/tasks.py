@@ -18,7 +18,7 @@ from rich.table import Table
 
 from dml.callbacks import EmbeddingPictures
 from dml.command import is_multirun
-from dml.config import check_types
+from dml.config import BUILT_GROUPS, check_types
 from dml.errors import UserError
 from dml.io import write_atomic
 from dml.log import get_logger
@@ -69,7 +69,7 @@ def build_data_and_module(cfg: DictConfig) -> tuple[L.LightningDataModule, DMLMo
         UserError: a value has the wrong type, or the dataset's images have another number of channels
             than the backbone takes.
     """
-    check_types(cfg, ("dataset", "backbone", "head", "loss", "optimizer", "scheduler", "model"))
+    check_types(cfg, [group for group in BUILT_GROUPS if group != "trainer"])
     datamodule = instantiate(cfg.dataset)
     module = build_module(cfg)
     _check_channels(datamodule, module.backbone)
@@ -165,9 +165,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         RunStopped: a signal (SIGTERM, SIGINT) stopped training; the message says how to resume.
     """
     output_dir = Path(cfg.paths.output_dir)
+    check_types(cfg)  # before the folder is claimed: a typo must not set a finished run aside
     claim_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
-    check_types(cfg, ("trainer",))
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_data_and_module(cfg)
     if ckpt is not None:

@@ -15,7 +15,7 @@ from dml.errors import UserError, whole_number
 from dml.inference import Embedder, Embeddings, Index, SearchResult, export
 from dml.inference.exporting import export_formats
 from dml.inference.results import JSON_NAME, results_json, results_page, rows, short_name, write_results
-from dml.io import check_output
+from dml.io import check_output, check_space
 from dml.log import get_logger
 
 log = get_logger(__name__)
@@ -28,13 +28,10 @@ def embed_task(cfg: DictConfig) -> dict[str, float]:
     whole_number(cfg.batch_size, "batch_size")
     whole_number(cfg.num_workers, "num_workers", least=0)
     embedder = Embedder.from_checkpoint(cfg.ckpt_path, device=cfg.device, dataset_root=cfg.dataset_root)
-    count = embedder.count(str(cfg.images))
-    check_output(
-        out, "out", cfg.overwrite, size=Embeddings.file_size(count, embedder.dim)
-    )  # before the model runs
-    embeddings = embedder.embed(
-        str(cfg.images), batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True
-    )
+    images = embedder.resolve(str(cfg.images))
+    # before the model runs: room for what it will write
+    check_space(out, "out", Embeddings.file_size(embedder.count(images), embedder.dim))
+    embeddings = embedder.embed(images, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True)
     embeddings.save(out, overwrite=cfg.overwrite)
     print(f"{len(embeddings.names)} embeddings ({embeddings.dim}-d, {embeddings.metric}) written to {out}")  # noqa: T201
     if embeddings.skipped:
@@ -48,6 +45,7 @@ def index_task(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.out)
     check_output(out, "out", cfg.overwrite, marker="meta.json")
     embeddings = Embeddings.load(cfg.embeddings)
+    check_space(out / "index.faiss", "out", Index.file_size(embeddings))
     index = Index.build(
         embeddings,
         kind=cfg.kind,
@@ -165,6 +163,9 @@ def export_task(cfg: DictConfig) -> dict[str, float]:
     formats = export_formats(cfg.formats if isinstance(cfg.formats, str) else list(cfg.formats))
     check_output(Path(cfg.out), "out", cfg.overwrite, marker="preprocessing.json")
     embedder = Embedder.from_checkpoint(cfg.ckpt_path, device="cpu")
+    model = (embedder.module.backbone, embedder.module.head)
+    weights = sum(p.numel() * p.element_size() for part in model for p in part.parameters())
+    check_space(Path(cfg.out) / "model", "out", weights * len(formats))  # each format holds the weights
     written = export(embedder, cfg.out, formats=formats, overwrite=cfg.overwrite)
     for kind, path in written.items():
         print(f"{kind}: {path}")  # noqa: T201

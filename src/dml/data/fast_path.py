@@ -38,6 +38,11 @@ class Encoded(NamedTuple):
     name: str
 
 
+def _named(names: Sequence[str] | None, count: int) -> list[str]:
+    """``names`` as a list, or the images' places in their batch where they have none."""
+    return list(names) if names is not None else [f"image {i} of the batch" for i in range(count)]
+
+
 class EncodedBatch:
     """A batch of encoded images, kept on the CPU by Lightning's batch transfer (a plain object, not a
     collection): the decoder reads it from there. The images travel from the loader workers as one
@@ -49,9 +54,7 @@ class EncodedBatch:
     def __init__(self, data: Sequence[torch.Tensor], train: bool, names: Sequence[str] | None = None):
         self.buffer = torch.cat(list(data)) if len(data) else torch.empty(0, dtype=torch.uint8)
         self.lengths = [len(d) for d in data]
-        self.names = (
-            list(names) if names is not None else [f"image {i} of the batch" for i in range(len(data))]
-        )
+        self.names = _named(names, len(data))
         self.train = train
 
     @property
@@ -142,7 +145,7 @@ def decode(
     Raises:
         UserError: an image cannot be decoded; the message names it (``names``: one per image).
     """
-    names = list(names) if names is not None else [f"image {i} of the batch" for i in range(len(data))]
+    names = _named(names, len(data))
     jpeg = [i for i, d in enumerate(data) if bytes(d[:2].tolist()) == JPEG_MAGIC]
     out: list[torch.Tensor | None] = [None] * len(data)
     if jpeg:

@@ -67,9 +67,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise UserError(f"device={device!r}: the model runs on the CPU or a CUDA GPU; use auto, cpu or cuda")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={device!r} but no CUDA GPU is visible here: use device=cpu (or auto)")
-    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.devicewhole_number():
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
         raise UserError(
-            f"device={device!r} but this machine has {torch.cuda.devicewhole_number()} GPU(s), numbered from 0"
+            f"device={device!r} but this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
         )
     return chosen
 
@@ -247,7 +247,7 @@ class Embedder:
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"images={str(folder)!r} is not a folder")
-        return self.embed_files(self._source(str(folder), "images"), **kwargs)
+        return self.embed_files(self.resolve(str(folder)), **kwargs)
 
     @torch.no_grad()
     def embed_split(
@@ -295,8 +295,9 @@ class Embedder:
             self.metric,
         )
 
-    def _source(self, images: str, key: str) -> list[Path] | tuple[str, str | None]:
-        """What ``images`` names: image files, or (split, role)."""
+    def resolve(self, images: str, key: str = "images") -> list[Path] | tuple[str, str | None]:
+        """What ``images`` names (see :meth:`embed`): image files, or (split, role); ``key``: the setting
+        that gave it, named in the error."""
         path = Path(images)
         if path.is_dir():
             paths = find_images(path)
@@ -314,16 +315,17 @@ class Embedder:
             f"{key}={images!r} is neither an image file, a folder, nor a split ({', '.join(SPLITS)})"
         )
 
-    def count(self, images: str, key: str = "images") -> int:
-        """How many images :meth:`embed` would embed for ``images``, without embedding any."""
-        source = self._source(images, key)
+    def count(self, source: list[Path] | tuple[str, str | None]) -> int:
+        """How many images :meth:`embed` would embed for ``source`` (from :meth:`resolve`), embedding none."""
         return len(source) if isinstance(source, list) else len(self._split_positions(*source)[1])
 
-    def embed(self, images: str, key: str = "images", **kwargs: Any) -> Embeddings:
+    def embed(
+        self, images: str | list[Path] | tuple[str, str | None], key: str = "images", **kwargs: Any
+    ) -> Embeddings:
         """``images``: an image folder, one image file, or a split (``test``, or ``test:query`` /
-        ``test:gallery`` for query/gallery splits). A path that exists wins over a split's name.
-        ``key``: the setting that gave ``images``, named in the error."""
-        source = self._source(images, key)
+        ``test:gallery`` for query/gallery splits), or what :meth:`resolve` made of one. A path that
+        exists wins over a split's name. ``key``: the setting that gave ``images``, named in the error."""
+        source = self.resolve(images, key) if isinstance(images, str) else images
         if isinstance(source, list):
             return self.embed_files(source, **kwargs)
         kwargs.pop("num_workers", None)  # the dataset's own loader settings

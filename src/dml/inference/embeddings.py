@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dml.errors import UserError
-from dml.io import atomic_path, refuse_existing
+from dml.io import atomic_path, refuse_existing, write_failed
 
 EMBEDDINGS_FORMAT = "dml-embeddings/1"
 
@@ -60,10 +60,7 @@ class Embeddings:
             except OSError:
                 raise  # atomic_path says it in one line
             except Exception as e:  # noqa: BLE001 - safetensors reports a failed write as its own error
-                raise UserError(
-                    f"could not write {path} ({e}); no partial file was left. Free disk space or choose another "
-                    "folder"
-                ) from e
+                raise write_failed(path, e) from e
         return path
 
     @staticmethod

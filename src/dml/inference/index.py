@@ -13,7 +13,7 @@ import torch
 
 from dml.errors import UserError, whole_number
 from dml.inference.embeddings import Embeddings
-from dml.io import atomic_path, refuse_existing
+from dml.io import atomic_path, refuse_existing, write_failed
 from dml.log import get_logger
 
 log = get_logger(__name__)
@@ -187,9 +187,17 @@ class Index:
         index = faiss.index_gpu_to_cpu(self.index) if _on_gpu(self.index) else self.index
         with atomic_path(folder) as tmp:
             tmp.mkdir(parents=True)
-            faiss.write_index(index, str(tmp / "index.faiss"))
+            try:
+                faiss.write_index(index, str(tmp / "index.faiss"))
+            except RuntimeError as e:  # faiss reports a failed write (a full disk) as a RuntimeError
+                raise write_failed(folder / "index.faiss", str(e).strip().splitlines()[-1]) from e
             (tmp / "meta.json").write_text(json.dumps(self.meta))
         return folder
+
+    @staticmethod
+    def file_size(embeddings: Embeddings) -> int:
+        """The bytes at least that an index of ``embeddings`` takes on disk (its vectors)."""
+        return int(embeddings.vectors.numel()) * 4
 
     @classmethod
     def load(cls, folder: str | Path, gpu: str | bool = "auto") -> Index:

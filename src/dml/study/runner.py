@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from dml.command import fail
+from dml.command import fail, user_message
 from dml.errors import UserError
 from dml.evaluation.pictures import embedding_map
 from dml.io import check_folder, write_atomic
@@ -90,28 +90,39 @@ class _Study:
         return row
 
     def _train(self, name: str, overrides: list[str]) -> Path:
-        """Train ``overrides`` into ``<runs>/<name>``; returns its last checkpoint. A run this study finished
-        there before (``study_run.json`` records its overrides) is used as it is, and one it left
-        unfinished goes on from its last checkpoint: the same command with the same ``runs=`` goes on
-        where a stopped study stopped.
+        """Train ``overrides`` into ``<runs>/<name>``; returns its last checkpoint. ``study_run.json`` in
+        that folder records the run's overrides from before it starts, and that it finished: a finished
+        run is used as it is, and an unfinished one goes on from its last checkpoint, so the same command
+        with the same ``runs=`` goes on where a stopped study stopped.
 
         Raises:
-            UserError: that folder holds a run of other overrides.
+            UserError: that folder holds a run of other overrides, one the study did not start, or a
+                finished run whose last checkpoint is gone.
         """
         folder = self.runs_dir / name
         marker, last = folder / STUDY_RUN, folder / "checkpoints" / "last.ckpt"
-        if marker.is_file():
-            recorded = json.loads(marker.read_text()).get("overrides")
-            if recorded != overrides:
+        record = json.loads(marker.read_text()) if marker.is_file() else None
+        if record is None and folder.exists() and any(folder.iterdir()):
+            raise UserError(
+                f"runs={self.runs_dir}: {folder} holds files this study did not write; give the study another "
+                f"runs= folder, or delete {folder}"
+            )
+        if record is not None and record.get("overrides") != overrides:
+            raise UserError(
+                f"runs={self.runs_dir}: {folder} holds a run of other settings "
+                f"({' '.join(record.get('overrides') or [])}); give the study another runs= folder, or delete {folder}"
+            )
+        if record is not None and record.get("finished"):
+            if not last.is_file():
                 raise UserError(
-                    f"runs={self.runs_dir}: {folder} holds a run of other settings ({' '.join(recorded or [])}); "
-                    f"give the study another runs= folder, or delete {folder}"
+                    f"{folder} holds a finished run whose {last.name} is gone; delete {folder} to train it again"
                 )
-            if last.is_file():
-                return last
+            return last
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, json.dumps({"overrides": overrides, "finished": False}) + "\n")
         resume = ["ckpt_path=last"] if last.is_file() else []
         run = train_run(name, [*overrides, *resume], self.runs_dir)
-        write_atomic(marker, json.dumps({"overrides": overrides}) + "\n")
+        write_atomic(marker, json.dumps({"overrides": overrides, "finished": True}) + "\n")
         return run.output_dir / "checkpoints" / "last.ckpt"
 
     def sweep(self, table: DictConfig, arm: DictConfig) -> tuple[float, dict[float, float]]:
@@ -210,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             getattr(e, "exit_code", 130),
         )
     except UserError as e:
-        fail(str(e))
+        fail(user_message(e))
     print(f"wrote {out}")  # noqa: T201 - the command's result
 
 
