@@ -27,7 +27,14 @@ from dml.config import check_types
 from dml.errors import UserError
 from dml.io import write_atomic
 from dml.log import get_logger
-from dml.runs import RunStopped, check_writable, claim_run_dir, is_launching_process, replaced_note
+from dml.runs import (
+    REPLACED,
+    RunStopped,
+    check_writable,
+    claim_run_dir,
+    is_launching_process,
+    replaced_note,
+)
 
 log = get_logger(__name__)
 
@@ -133,7 +140,7 @@ def run_cli(task: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> 
             _record_failed_job(cfg, e, user_error)
             return None  # no value: Optuna records a failed trial (NaN would end its search)
         note = _replaced_note(cfg)
-        if ".replaced" in str(user_error):  # the message says it already
+        if REPLACED in str(user_error):  # the message says it already
             note = ""
         if user_error is None:
             if note:
