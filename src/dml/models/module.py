@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,6 +18,7 @@ from dml.evaluation.protocol import EvaluationProtocol
 from dml.log import get_logger
 from dml.losses import CompositeLoss
 from dml.losses.distributed import gather_batch, rescale_local_gradients, world_size
+from dml.models import random_state
 
 log = get_logger(__name__)
 
@@ -354,7 +353,7 @@ class DMLModule(L.LightningModule):
         # Random state, so that a resumed run draws what an uninterrupted one would (augmentations,
         # random miners). The batch sampler needs none: its draw depends on (seed, epoch) only. Every
         # rank builds the checkpoint dict but only rank 0 writes it: gather each rank's own state.
-        checkpoint["dml_rng"] = _gather_objects(self._random_state())
+        checkpoint["dml_rng"] = _gather_objects(random_state.capture(self.loss))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("dml_rng")
@@ -372,24 +371,7 @@ class DMLModule(L.LightningModule):
                 rank,
                 rank % len(states),
             )
-        self._set_random_state(states[rank % len(states)])
-
-    def _random_state(self) -> dict[str, Any]:
-        return {
-            "python": random.getstate(),
-            "numpy": _numpy_state_to_plain(np.random.get_state()),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "miners": self.loss.random_state(),
-        }
-
-    def _set_random_state(self, state: dict[str, Any]) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(_numpy_state_from_plain(state["numpy"]))
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        self.loss.load_random_state(state["miners"])
+        random_state.restore(states[rank % len(states)], self.loss)
 
 
 def _gather_objects(obj: Any) -> list[Any]:
@@ -407,14 +389,3 @@ def _first_occurrence(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     positions = torch.arange(index.numel(), device=index.device)
     first = torch.full_like(unique, index.numel()).scatter_reduce(0, inverse, positions, reduce="amin")
     return unique, first
-
-
-# Lightning loads checkpoints with weights_only=True: numpy arrays are not allowed there, tensors are.
-def _numpy_state_to_plain(state: tuple) -> tuple:
-    name, keys, pos, has_gauss, cached = state
-    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
-
-
-def _numpy_state_from_plain(state: tuple) -> tuple:
-    name, keys, pos, has_gauss, cached = state
-    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
