@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from dml.builders import build_data_and_module, build_module
 from dml.config import compose
 from dml.data.fast_path import EncodedBatch
-from dml.tasks import build_data_and_module, build_module
 
 MODES = ("fp32", "bf16-cl", "bf16-cl-compile")
 

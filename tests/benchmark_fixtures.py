@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import tarfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,11 @@ from PIL import Image
 from scipy.io import savemat
 
 
-def image_bytes(seed: int, fmt: str = "JPEG", mode: str = "RGB", size: int = 12) -> bytes:
+def image_bytes(seed: int, fmt: str = "JPEG", mode: str = "RGB", size: int | tuple[int, int] = 12) -> bytes:
+    """An image of random pixels; ``size``: its side, or (height, width)."""
     rng = np.random.default_rng(seed)
-    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    height, width = (size, size) if isinstance(size, int) else size
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, fmt)
     return buf.getvalue()
@@ -40,8 +43,11 @@ def write_zip(path: Path, files: dict[str, bytes]) -> None:
             z.writestr(name, data)
 
 
-def make_cub(root: Path, per_class: int = 4) -> dict:
-    """CUB_200_2011.tgz with classes 1-3 (train side) and 101-103 (test side)."""
+def make_cub(
+    root: Path, per_class: int = 4, size: Callable[[int], int | tuple[int, int]] | None = None
+) -> dict:
+    """CUB_200_2011.tgz with classes 1-3 (train side) and 101-103 (test side); ``size``: each image's size
+    (see :func:`image_bytes`) from its number, 12 x 12 by default."""
     classes = [1, 2, 3, 101, 102, 103]
     files, images, labels, seed = {}, [], [], 0
     for c in classes:
@@ -49,7 +55,7 @@ def make_cub(root: Path, per_class: int = 4) -> dict:
         for j in range(per_class):
             seed += 1
             rel = f"{folder}/Bird_{c}_{j:04d}_{seed}.jpg"
-            files[f"CUB_200_2011/images/{rel}"] = image_bytes(seed)
+            files[f"CUB_200_2011/images/{rel}"] = image_bytes(seed, size=size(seed) if size else 12)
             images.append(f"{seed} {rel}")
             labels.append(f"{seed} {c}")
     files["CUB_200_2011/images.txt"] = ("\n".join(images) + "\n").encode()

@@ -13,10 +13,11 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from dml.builders import build_data_and_module, build_module
 from dml.errors import UserError
 from dml.models import BNInception, GoogLeNet, TimmBackbone, weights
 from dml.models.bn_inception import WEIGHTS_FILE, WEIGHTS_URL, file_key_map
-from dml.tasks import build_data_and_module, build_module, train
+from dml.tasks import train
 from tests.conftest import CONF
 
 BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
@@ -112,11 +113,11 @@ def test_each_backbone_hands_its_preprocessing_to_the_dataset(compose_cfg):
             std
         ), name
         assert (datamodule.bgr_255, datamodule.interpolation) == (bgr, interpolation), name
-        fast = datamodule.batch_transform()  # the GPU fast path gets the same
-        assert (fast.bgr_255, fast.interpolation) == (bgr, interpolation), name
-        assert fast.mean.flatten().tolist() == pytest.approx(
-            mean
-        ) and fast.std.flatten().tolist() == pytest.approx(std)
+        pre = datamodule.preprocessing()  # the classic and fast paths and exports all derive from it
+        fast = pre.batch_transform().preprocessing
+        assert (fast.channel_order, fast.value_range) == (("BGR", 255) if bgr else ("RGB", 1)), name
+        assert fast.interpolation == interpolation, name
+        assert fast.mean == pytest.approx(mean) and fast.std == pytest.approx(std)
     # The dataset config's own choice wins over the backbone's.
     cfg = compose_cfg(
         [
@@ -338,7 +339,7 @@ def test_a_vit_and_a_dataset_of_another_image_size_are_refused_before_training(c
 
 
 def test_old_checkpoints_keep_their_bilinear_resize_and_need_no_weights(tmp_path):
-    from dml.tasks import load_checkpoint
+    from dml.checkpoints import load_checkpoint
 
     ckpt = tmp_path / "old.ckpt"
     config = {

@@ -5,9 +5,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from dml.builders import build_module
 from dml.data import RetrievalDataModule
 from dml.models import DMLModule
-from dml.tasks import build_module
 from tests.conftest import CONF
 
 NOT_GROUPS = {"study"}  # conf/study: the specs of make study (dml.study), not part of a run's config

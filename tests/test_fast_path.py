@@ -16,11 +16,13 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision import transforms as T
 
+from dml.builders import build_module
 from dml.data import CUBDataModule, MNISTDataModule, SyntheticDataModule
-from dml.data.fast_path import BatchTransform, EncodedBatch, crop_boxes, decode
+from dml.data.fast_path import EncodedBatch, crop_boxes, decode
+from dml.data.preprocessing import Preprocessing
 from dml.errors import UserError
 from dml.study import embed
-from dml.tasks import build_module, train
+from dml.tasks import train
 from tests.benchmark_fixtures import make_cub
 from tests.conftest import FAST_RUN, compose_config, run_entry
 
@@ -90,6 +92,12 @@ def test_jpegs_decode_in_one_batch_and_others_one_by_one():
     assert all(i.dtype == torch.uint8 for i in images) and int(images[2].float().mean()) == 128
 
 
+def batched(crop: int, resize: int, mean, std, bgr_255: bool = False):
+    """The fast path's transform of a shorter-side resize and a square centre crop."""
+    order = {"channel_order": "BGR", "value_range": 255} if bgr_255 else {}
+    return Preprocessing(mean, std, resize=resize, center_crop=(crop, crop), **order).batch_transform()
+
+
 def classic(stage: str):
     steps = (
         [T.RandomResizedCrop(224), T.RandomHorizontalFlip()]
@@ -101,7 +109,7 @@ def classic(stage: str):
 
 def test_evaluation_batches_match_the_classic_transform():
     data = jpegs(8)
-    fast = BatchTransform(224, 256, MEAN, STD)(EncodedBatch(data, train=False), "cpu")
+    fast = batched(224, 256, MEAN, STD)(EncodedBatch(data, train=False), "cpu")
     reference = torch.stack(
         [classic("eval")(Image.open(io.BytesIO(d.numpy().tobytes())).convert("RGB")) for d in data]
     )
@@ -114,7 +122,7 @@ def test_evaluation_batches_match_the_classic_transform():
 def test_training_batches_have_the_classic_path_s_size_range_and_statistics():
     torch.manual_seed(0)
     data = jpegs(48)
-    transform = BatchTransform(224, 256, MEAN, STD)
+    transform = batched(224, 256, MEAN, STD)
     fast = torch.cat([transform(EncodedBatch(data, train=True), "cpu") for _ in range(4)])
     pil = [Image.open(io.BytesIO(d.numpy().tobytes())).convert("RGB") for d in data]
     reference = torch.stack([classic("train")(image) for _ in range(4) for image in pil])
@@ -140,8 +148,8 @@ def test_training_batches_have_the_classic_path_s_size_range_and_statistics():
 
 def test_bgr_255_batches_are_caffe_style():
     data = jpegs(2, (64, 64))
-    rgb = BatchTransform(64, 64, (0, 0, 0), (1, 1, 1))(EncodedBatch(data, train=False), "cpu")
-    bgr = BatchTransform(64, 64, (0, 0, 0), (1, 1, 1), bgr_255=True)(EncodedBatch(data, train=False), "cpu")
+    rgb = batched(64, 64, (0, 0, 0), (1, 1, 1))(EncodedBatch(data, train=False), "cpu")
+    bgr = batched(64, 64, (0, 0, 0), (1, 1, 1), bgr_255=True)(EncodedBatch(data, train=False), "cpu")
     assert torch.allclose(bgr, rgb.flip(1) * 255, atol=1e-3)
 
 
@@ -298,4 +306,4 @@ def test_pipeline_auto_takes_the_fast_path_on_a_gpu_for_image_files_only(tmp_pat
 
 def test_a_centre_crop_larger_than_the_resize_is_refused():
     with pytest.raises(UserError, match="dataset.resize_size=200 is smaller than dataset.image_size=224"):
-        BatchTransform(224, 200, MEAN, STD)
+        batched(224, 200, MEAN, STD)

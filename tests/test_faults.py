@@ -173,7 +173,7 @@ def test_values_that_cannot_work_are_named_before_anything_is_built(tmp_path, ov
 
 
 def test_an_rgb_model_on_a_grayscale_dataset_is_told_how_to_fit_them(tmp_path):
-    from dml.tasks import build_data_and_module
+    from dml.builders import build_data_and_module
 
     # as evaluate.py meets it: the stored backbone took 3 channels, the dataset chosen now has 1
     cfg = compose(["backbone=timm_test", "dataset=mnist", "backbone.in_chans=3"], output_dir=tmp_path)

@@ -94,10 +94,12 @@ def test_retrieval_metrics_on_gpu_equal_cpu(cuda):
 def test_fast_path_decodes_and_transforms_on_the_gpu_as_on_the_cpu(cuda):
     from benchmarks.throughput import natural_jpeg
 
-    from dml.data.fast_path import BatchTransform, EncodedBatch
+    from dml.data.fast_path import EncodedBatch
+    from dml.data.preprocessing import Preprocessing
 
     data = [torch.frombuffer(bytearray(natural_jpeg(seed)), dtype=torch.uint8) for seed in range(16)]
-    transform = BatchTransform(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    imagenet = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), resize=256, center_crop=(224, 224))
+    transform = imagenet.batch_transform()
     cpu = transform(EncodedBatch(data, train=False), "cpu")
     gpu = transform(EncodedBatch(data, train=False), cuda)
     assert gpu.device.type == "cuda" and gpu.shape == cpu.shape == (16, 3, 224, 224)

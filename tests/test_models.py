@@ -4,10 +4,10 @@ import timm
 import torch
 from hydra.utils import instantiate
 
+from dml.builders import build_module
 from dml.errors import UserError
 from dml.models import LinearHead, SmallCNN, TimmBackbone
 from dml.models.backbones import pool_features
-from dml.tasks import build_module
 
 
 def test_pooling_variants():

@@ -13,8 +13,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from dml.builders import build_module
 from dml.losses import ProxyBank
-from dml.tasks import build_module, train
+from dml.tasks import train
 from tests.benchmark_fixtures import BUILDERS
 from tests.conftest import CONF, compose_config
 

@@ -2,14 +2,13 @@
 
 - :func:`claim_run_dir` refuses a folder that already holds a run unless the command resumes it
   (``ckpt_path=last``) or asks to replace it (``overwrite=true``).
-- :func:`read_checkpoint` and :func:`check_resume` check a checkpoint before anything trains from it.
-- :class:`AtomicCheckpointIO` writes each checkpoint beside its target and renames it into place.
+- :func:`check_resume` checks a checkpoint's settings before a run resumes from it (reading and writing
+  checkpoints is :mod:`dml.checkpoints`).
 - :func:`resume_command` is the exact command that continues a stopped run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import shutil
@@ -21,7 +20,6 @@ from typing import Any
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from dml.errors import UserError
@@ -182,48 +180,6 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> Path | None:
     return Path(ckpt_path).expanduser()
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The contents of a checkpoint written by dml's train.py.
-
-    Raises:
-        UserError: the file is missing, unreadable or truncated, or was not written by dml.
-    """
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found; pass ckpt_path=<path to a .ckpt written by train.py>")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any load failure means the file is not a usable checkpoint
-        raise UserError(
-            f"{path} cannot be read as a PyTorch checkpoint, it may be truncated ({type(e).__name__}: {e}); "
-            "use another checkpoint of the run (its checkpoints/ folder)"
-        ) from e
-    if not isinstance(payload, dict) or not payload.get("dml_config") or "state_dict" not in payload:
-        raise UserError(
-            f"{path} is not a checkpoint written by dml's train.py (it has no dml_config); "
-            "use a checkpoint from a dml run's checkpoints/ folder"
-        )
-    return payload
-
-
-def check_same_model(path: Path, state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
-    """Raise a UserError naming the first differences when ``state_dict`` does not fit ``model``."""
-    own = model.state_dict()
-    problems = [f"missing {k}" for k in own if k not in state_dict]
-    problems += [f"unexpected {k}" for k in state_dict if k not in own]
-    problems += [
-        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} now"
-        for k, v in state_dict.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if problems:
-        raise UserError(
-            f"checkpoint {path} was written by a different model than the one configured now ("
-            + "; ".join(problems[:3])
-            + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-            + "); use the checkpoint's own settings (its run's config.yaml), or drop ckpt_path"
-        )
-
-
 def check_resume(path: Path, stored: Mapping[str, Any], cfg: DictConfig) -> None:
     """Refuse to resume with settings the checkpoint's restored state would silently override, and
     log the other settings that differ from the checkpoint's run (they take effect)."""
@@ -268,35 +224,6 @@ def _get(tree: Any, key: str) -> Any:
             return None
         tree = tree[part]
     return tree
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a hidden file beside its target, flushes it to disk and renames it over
-    the target: a full disk or a kill leaves the previous checkpoint as it was."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:  # torch.save turns a failed write into a RuntimeError
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            cause = next((x for x in (e, e.__context__, e.__cause__) if isinstance(x, OSError)), None)
-            if cause is None:
-                raise
-            kept = (
-                f"the previous {path.name} is kept as it was" if path.exists() else f"{path} was not written"
-            )
-            raise UserError(
-                f"could not write checkpoint {path} ({cause.strerror or cause}); {kept}. Free disk space in "
-                f"{path.parent} (or choose another run folder)"
-            ) from e
 
 
 def resume_command(cfg: DictConfig) -> str:

@@ -1,4 +1,5 @@
-"""Entry-point wiring: build datamodule, module, trainer and logger from a config; train; evaluate."""
+"""The tasks train.py, evaluate.py and prepare.py run: a run folder claimed, the objects built (by
+:mod:`dml.builders`), trained or tested, the metrics printed and written."""
 
 from __future__ import annotations
 
@@ -8,30 +9,26 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from dml.builders import build_data_and_module, build_trainer
 from dml.callbacks import EmbeddingPictures
+from dml.checkpoints import check_same_model, load_checkpoint, read_checkpoint, without_pretrained_weights
 from dml.command import is_multirun
-from dml.config import BUILT_GROUPS, check_types
+from dml.config import check_types
 from dml.errors import UserError
 from dml.io import write_atomic
 from dml.log import get_logger
-from dml.models import DMLModule
-from dml.models.backbones import input_channels
 from dml.runs import (
-    AtomicCheckpointIO,
     RunStopped,
     check_resume,
-    check_same_model,
     claim_run_dir,
     is_launching_process,
-    read_checkpoint,
     release_replaced,
     resolve_ckpt_path,
     stop_message,
@@ -44,70 +41,6 @@ log = get_logger(__name__)
 MODEL_KEYS = ("dataset", "backbone", "head", "loss", "model", "seed")
 
 
-def build_module(cfg: DictConfig) -> DMLModule:
-    """The DMLModule a run config describes, with the resolved config attached for checkpoints."""
-    backbone = instantiate(cfg.backbone)
-    head = instantiate(cfg.head)(in_dim=backbone.num_features)
-    loss = instantiate(cfg.loss)
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return DMLModule(
-        backbone=backbone,
-        head=head,
-        loss=loss,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=scheduler,
-        recall_ks=cfg.dataset.recall_ks,
-        run_config=OmegaConf.to_container(cfg, resolve=True),
-        **cfg.model,
-    )
-
-
-def build_data_and_module(cfg: DictConfig) -> tuple[L.LightningDataModule, DMLModule]:
-    """The datamodule and module of a run config; image datasets take the backbone's normalisation.
-
-    Raises:
-        UserError: a value has the wrong type, or the dataset's images have another number of channels
-            than the backbone takes.
-    """
-    check_types(cfg, [group for group in BUILT_GROUPS if group != "trainer"])
-    datamodule = instantiate(cfg.dataset)
-    module = build_module(cfg)
-    _check_channels(datamodule, module.backbone)
-    data_config = getattr(module.backbone, "data_config", {})
-    if hasattr(datamodule, "use_backbone_config"):
-        datamodule.use_backbone_config(data_config)
-        size = data_config.get("input_size", (0, 0, 0))[-1]
-        if getattr(module.backbone, "is_token_model", False) and datamodule.image_size != size:
-            raise UserError(
-                f"dataset.image_size={datamodule.image_size} but the ViT backbone takes {size} px: set "
-                f"backbone.img_size={datamodule.image_size} (position embeddings resized) or "
-                f"dataset.image_size={size}"
-            )
-    elif data_config.get("bgr_255"):
-        log.warning(
-            "backbone %s expects BGR 0-255 input, but dataset %s normalises its own way: its pretrained "
-            "weights will see other inputs than they were trained on",
-            type(module.backbone).__name__,
-            getattr(datamodule, "name", "?"),
-        )
-    return datamodule, module
-
-
-def _check_channels(datamodule: L.LightningDataModule, backbone: torch.nn.Module) -> None:
-    given, taken = getattr(datamodule, "input_channels", None), input_channels(backbone)
-    if given is None or taken is None or given == taken:
-        return
-    name = getattr(datamodule, "name", "the dataset")
-    cure = (
-        f"set dataset.channels={taken}"
-        if taken in getattr(datamodule, "channel_choices", ())
-        else f"use a model trained with backbone.in_chans={given} for it"
-    )
-    raise UserError(
-        f"dataset {name} gives {given}-channel images and the backbone takes {taken}-channel ones: {cure}"
-    )
-
-
 def prepare(cfg: DictConfig) -> dict[str, float]:
     """Prepare a dataset once (find or download, extract, check, index) and print its splits."""
     datamodule = instantiate(cfg.dataset)
@@ -115,10 +48,6 @@ def prepare(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     log.info("%s is ready:\n%s", datamodule.name, datamodule.summary())
     return {}
-
-
-def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
 
 def _metrics_table(title: str, metrics: dict[str, float]) -> str:
@@ -180,11 +109,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     monitored = {"monitor.metric": cfg.get("monitor", {}).get("metric")}
     if is_multirun() and cfg.get("optimized_metric"):
         monitored["optimized_metric"] = cfg.optimized_metric
-    callbacks = [*_instantiate_all(cfg.get("callbacks")), MonitoredMetricsCheck(monitored)]
-    loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
-    )
+    trainer = build_trainer(cfg, [MonitoredMetricsCheck(monitored)])
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     stage = "training"
@@ -228,28 +153,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
             wandb.finish()
     return metrics
-
-
-def load_checkpoint(ckpt_path: Path) -> tuple[DictConfig, dict[str, Any]]:
-    """The run config stored in a checkpoint written by train.py, and its state dict.
-
-    The backbone is rebuilt without its pretrained weights: the state dict holds every weight, and
-    evaluating must not need the network or the weights file that training started from."""
-    payload = read_checkpoint(ckpt_path)
-    run_cfg = OmegaConf.create(payload["dml_config"])
-    without_pretrained_weights(run_cfg)
-    dataset = run_cfg.get("dataset", {})
-    if "resize_size" in dataset and "interpolation" not in dataset:
-        with open_dict(run_cfg):  # written before dataset.interpolation existed: trained bilinear
-            run_cfg.dataset.interpolation = "bilinear"
-    return run_cfg, payload["state_dict"]
-
-
-def without_pretrained_weights(run_cfg: DictConfig) -> None:
-    """Rebuild a checkpoint's backbone without loading pretrained weights (the state dict has them all)."""
-    for key, value in (("pretrained", False), ("pretrained_file", None)):
-        if key in run_cfg.get("backbone", {}):
-            run_cfg.backbone[key] = value
 
 
 def _command_line_keys() -> list[str]:

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dml.data.fast_path import PIPELINES, BatchTransform, EncodedBatch, EncodedCollate
+from dml.data.preprocessing import Preprocessing
 from dml.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 from dml.errors import UserError
 from dml.evaluation.protocol import EvaluationProtocol
@@ -116,7 +117,7 @@ class RetrievalDataModule(L.LightningDataModule):
     """
 
     name = "base"
-    has_fast_path = False  # subclasses that implement encoded() and batch_transform()
+    has_fast_path = False  # subclasses that implement encoded()
     fast_by_default = False  # pipeline=auto takes the fast path on a GPU (image files, not in-memory data)
 
     def __init__(
@@ -179,16 +180,17 @@ class RetrievalDataModule(L.LightningDataModule):
         """Training label of each original class id (identity; MNIST's parity mode overrides it)."""
         return class_ids
 
+    def preprocessing(self) -> Preprocessing:
+        """How an image becomes the model's input: the one description that the classic transform, the fast
+        path's batched transform, the embedder and an export's ``preprocessing.json`` derive from."""
+        raise NotImplementedError
+
     def transform(self, stage: str) -> Callable | None:
-        """The image transform for ``train`` or evaluation (``eval``)."""
-        return None
+        """The classic path's transform of a loaded item for ``train`` or evaluation (``eval``)."""
+        return self.preprocessing().transform(stage)
 
     def encoded(self, source: ImageSource) -> ImageSource:
         """The fast path's source: the images of ``source`` as encoded bytes (1-D uint8 tensors)."""
-        raise NotImplementedError
-
-    def batch_transform(self) -> BatchTransform:
-        """The fast path's decoder and batched augmentation."""
         raise NotImplementedError
 
     @property
@@ -210,7 +212,7 @@ class RetrievalDataModule(L.LightningDataModule):
         train, test = raw["train"], raw["test"]
         fast = self.fast
         if fast:
-            self._batch_transform = self.batch_transform()
+            self._batch_transform = self.preprocessing().batch_transform()
             log.info(
                 "%s: fast input path (encoded bytes from the loader, decoded and augmented in batches)",
                 self.name,
@@ -342,11 +344,26 @@ class RetrievalDataModule(L.LightningDataModule):
             )
         return self._loader(self.splits["train"], batch_sampler=sampler, train=True)
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        data = self.splits[split]
+    def eval_loader(self, data: str | Dataset, batch_size: int | None = None) -> DataLoader:
+        """Batches of a split (by name) or of a subset of one, in order, for evaluating or embedding; on the
+        fast path its images are still encoded: :meth:`decode` them where the model runs. Under DDP each
+        process gets its share."""
+        data = self.splits[data] if isinstance(data, str) else data
         world, rank = self._world()
         sampler = DistributedSampler(data, world, rank, shuffle=False) if world > 1 else None
-        return self._loader(data, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False)
+        return self._loader(
+            data, batch_size=batch_size or self.eval_batch_size, sampler=sampler, shuffle=False
+        )
+
+    def decode(
+        self, images: Any, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A batch's images from :meth:`eval_loader` (or the training loader) as the model's input on
+        ``device``: the fast path's encoded images decoded and transformed there (training batches
+        augmented, drawing from ``generator``); classic batches as they are."""
+        if not isinstance(images, EncodedBatch):
+            return images
+        return self._batch_transform(images, device, generator)
 
     def _loader(self, data: Dataset, train: bool = False, **kwargs: Any) -> DataLoader:
         if self._batch_transform is not None:
@@ -368,7 +385,7 @@ class RetrievalDataModule(L.LightningDataModule):
             return batch
         encoded, labels, positions = batch
         generator = self.augmentation_generator() if encoded.train else None
-        images = self._batch_transform(encoded, labels.device, generator)
+        images = self.decode(encoded, labels.device, generator)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             images = trainer.precision_plugin.convert_input(images)
@@ -387,7 +404,7 @@ class RetrievalDataModule(L.LightningDataModule):
         return self._generator
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_split_name)
+        return self.eval_loader(self.val_split_name)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self.eval_loader("test")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 
 from dml.data.images import UnsupportedPixels, open_image, to_uint8, unreadable_message
+from dml.data.preprocessing import Preprocessing
 from dml.errors import UserError
 
 PIPELINES = ("auto", "classic", "fast")
@@ -215,43 +216,19 @@ def crop_boxes(
 
 
 class BatchTransform:
-    """Decoded uint8 images -> a normalised (B, 3, S, S) float batch, augmented for training.
-
-    Args:
-        image_size: S, the crop size.
-        resize_size: evaluation: the shorter side before the centre crop.
-        mean, std: normalisation, in [0, 1] units (or 0-255 units with ``bgr_255``).
-        hflip: random horizontal flips in training.
-        bgr_255: BGR channels in [0, 255] (Caffe-style backbones).
-        interpolation: ``bilinear`` or ``bicubic`` resizing, antialiased as PIL resizes.
-        crop_scale: area fraction range of the random resized crops.
-        augment: random resized crops in training; False: training batches get the evaluation
-            transform (flips still apply with ``hflip``).
+    """Decoded uint8 images -> a normalised (B, C, H, W) float batch, augmented for training: the steps of a
+    :class:`~dml.data.preprocessing.Preprocessing` (resizing antialiased, as PIL resizes), batched on the
+    device. Build it with :meth:`Preprocessing.batch_transform`.
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        resize_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        hflip: bool = True,
-        bgr_255: bool = False,
-        augment: bool = True,
-        interpolation: str = "bilinear",
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-    ):
-        if resize_size < image_size:
+    def __init__(self, preprocessing: Preprocessing):
+        if preprocessing.color != "RGB":
             raise UserError(
-                f"dataset.resize_size={resize_size} is smaller than dataset.image_size={image_size}: the "
-                "evaluation's centre crop would not fit; set resize_size >= image_size"
+                "the fast input path decodes RGB images; use dataset.pipeline=classic for gray ones"
             )
-        self.image_size, self.resize_size, self.hflip, self.bgr_255 = image_size, resize_size, hflip, bgr_255
-        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-        self.augment_crops = augment
-        if interpolation not in ("bilinear", "bicubic"):
-            raise UserError(f"interpolation must be bilinear or bicubic, got {interpolation!r}")
-        self.interpolation, self.crop_scale = interpolation, tuple(crop_scale)
+        self.preprocessing = preprocessing
+        self.hflip, self.augment_crops = preprocessing.hflip, preprocessing.random_crop
+        self.steps = preprocessing.tensor_transform()
 
     def __call__(
         self, batch: EncodedBatch, device: torch.device | str, generator: torch.Generator | None = None
@@ -265,8 +242,8 @@ class BatchTransform:
         """Random resized crop, then a random horizontal flip, normalised."""
         if self.augment_crops:
             sizes = torch.tensor([image.shape[-2:] for image in images])
-            boxes = crop_boxes(sizes, scale=self.crop_scale, generator=generator).tolist()
-            size = (self.image_size, self.image_size)
+            boxes = crop_boxes(sizes, scale=self.preprocessing.crop_scale, generator=generator).tolist()
+            size = self.preprocessing.input_size
             out = torch.stack(
                 [
                     self._resize(image[:, top : top + h, left : left + w], size)
@@ -281,32 +258,28 @@ class BatchTransform:
         return self._normalize(out)
 
     def evaluate(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Shorter side to ``resize_size`` (torchvision's Resize rounding), then the centre crop."""
+        """The evaluation resize (torchvision's Resize rounding), then the centre crop."""
         return self._normalize(self._crop(images))
 
     def _crop(self, images: list[torch.Tensor]) -> torch.Tensor:
-        out = []
+        out, crop = [], self.preprocessing.center_crop
         for image in images:
-            height, width = image.shape[-2:]
-            short, long = sorted((height, width))
-            size = (self.resize_size, int(self.resize_size * long / short))
-            size = size if height <= width else size[::-1]
+            size = self.preprocessing.resized_size(*image.shape[-2:])
             resized = self._resize(image, size)
-            top = int(round((size[0] - self.image_size) / 2.0))
-            left = int(round((size[1] - self.image_size) / 2.0))
-            out.append(resized[:, top : top + self.image_size, left : left + self.image_size])
+            if crop is not None:
+                top = int(round((size[0] - crop[0]) / 2.0))
+                left = int(round((size[1] - crop[1]) / 2.0))
+                resized = resized[:, top : top + crop[0], left : left + crop[1]]
+            out.append(resized)
         return torch.stack(out)
 
     def _resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """uint8 (3, h, w) -> float (3, *size) in [0, 255], with antialiasing (as PIL resizes)."""
-        return F.interpolate(
-            image[None].float(), size=size, mode=self.interpolation, antialias=True, align_corners=False
-        )[0]
+        mode = self.preprocessing.interpolation
+        return F.interpolate(image[None].float(), size=size, mode=mode, antialias=True, align_corners=False)[
+            0
+        ]
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.clamp_(0, 255)
-        if self.bgr_255:
-            x = x.flip(1)
-        else:
-            x = x / 255
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        """[0, 255] floats -> the preprocessing's value range, channel order and normalisation."""
+        return self.steps(x.clamp_(0, 255) / 255)

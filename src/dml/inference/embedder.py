@@ -7,14 +7,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from dml.data.datasets.benchmark import FileBenchmark
-from dml.data.fast_path import EncodedBatch
-from dml.data.images import UnsupportedPixels, convert, open_image
+from dml.builders import build_data_and_module, fast_by_default
+from dml.checkpoints import load_checkpoint
+from dml.data.images import UnsupportedPixels, open_image
 from dml.errors import UserError, whole_number
 from dml.inference.embeddings import Embeddings
 from dml.io import file_sha256
@@ -94,8 +93,7 @@ class Embedder:
         precision: str = "32-true",
     ):
         self.device = resolve_device(device)
-        # As evaluate.py runs the model: at the training precision, and (image files on a GPU, with
-        # dataset.pipeline=auto) through the fast path's decoding.
+        # As evaluate.py runs the model: at the training precision.
         self.autocast = {
             "bf16-mixed": torch.bfloat16,
             "bf16-true": torch.bfloat16,
@@ -103,26 +101,27 @@ class Embedder:
         }.get(str(precision))
         if self.autocast is torch.float16 and self.device.type != "cuda":
             self.autocast = None
-        if getattr(datamodule, "pipeline", None) == "auto" and getattr(datamodule, "fast_by_default", False):
-            datamodule.pipeline = "fast" if self.device.type == "cuda" else "classic"
         self.module = module.eval().to(self.device)
         self.datamodule = datamodule
         self.checkpoint = str(Path(checkpoint).resolve())  # found again from any folder
         self.checkpoint_sha256 = file_sha256(checkpoint)
         self.metric: str = module.metric
         self.dataset_name: str = getattr(datamodule, "name", "data")
-        self._file_transform: Callable[[Image.Image], torch.Tensor] | None = None
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "auto", dataset_root: str | None = None
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        dataset_root: str | None = None,
+        pipeline: str = "auto",
     ) -> Embedder:
-        """The model and test transform of a checkpoint written by ``train.py``; ``dataset_root``: where its
+        """The model and preprocessing of a checkpoint written by ``train.py``; ``dataset_root``: where its
         dataset is now, if it moved since training (only splits need it). The dataset is read where it
-        is, never downloaded."""
-        from dml.tasks import build_data_and_module, load_checkpoint
-
-        resolve_device(device)  # before the checkpoint is read
+        is, never downloaded. ``pipeline``: how a split's images are read (see the dataset's
+        ``pipeline``): ``auto`` takes the fast path's batched decoding for image files on a GPU, as
+        ``evaluate.py`` does."""
+        chosen = resolve_device(device)  # before the checkpoint is read
         path = Path(path)
         if not path.is_file():
             raise UserError(f"ckpt_path={str(path)!r} does not exist; give a checkpoint written by train.py")
@@ -136,6 +135,9 @@ class Embedder:
             run_cfg.dataset.root = str(Path(dataset_root).expanduser())
         if "download" in run_cfg.dataset:  # a dataset that moved is not fetched again into its old folder
             run_cfg.dataset.download = False
+        if pipeline == "auto":
+            pipeline = "fast" if chosen.type == "cuda" and fast_by_default(run_cfg.dataset) else "classic"
+        run_cfg.dataset.pipeline = pipeline
         datamodule, module = build_data_and_module(run_cfg)
         module.load_state_dict(state_dict)
         return cls(module, datamodule, path, device, run_cfg.get("trainer", {}).get("precision", "32-true"))
@@ -146,17 +148,8 @@ class Embedder:
 
     # --- preprocessing ----------------------------------------------------------------------------------
     def file_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """Image file -> the tensor the model was evaluated on: the dataset's test transform. Datasets held
-        as tensors (MNIST, synthetic) get the file converted to their channels and size first."""
-        if self._file_transform is None:
-            dm = self.datamodule
-            test = dm.transform("test")
-            if isinstance(dm, FileBenchmark):
-                self._file_transform = _RGBThen(test)
-            else:
-                channels, height, width = dm.image_shape  # tensor datasets: no need to load them
-                self._file_transform = _TensorLike(channels, height, width, test)
-        return self._file_transform
+        """Image file -> the tensor the model was evaluated on (see :meth:`RetrievalDataModule.preprocessing`)."""
+        return self.datamodule.preprocessing().transform("eval")
 
     # --- the checkpoint's dataset -------------------------------------------------------------------------
     def require_dataset(self, why: str) -> Any:
@@ -277,13 +270,11 @@ class Embedder:
                 split,
             )
         subset = data if role is None else torch.utils.data.Subset(data, positions.tolist())
-        loader = dm._loader(subset, batch_size=batch_size or dm.eval_batch_size, shuffle=False)
         chunks = []
         with _progress(progress, len(subset), f"embedding {split}") as advance:
-            for images, _, _ in loader:
-                if isinstance(images, EncodedBatch):  # the fast path: decoded where the model runs
-                    images = dm._batch_transform(images, self.device)  # names a file it cannot decode
-                chunks.append(self.embed_batch(images))
+            for images, _, _ in dm.eval_loader(subset, batch_size):
+                # the fast path's images are decoded where the model runs; a file it cannot decode is named
+                chunks.append(self.embed_batch(dm.decode(images, self.device)))
                 advance(len(chunks[-1]))
         names = [f"{self.dataset_name}:{split}/{i}" for i in positions.tolist()]
         return Embeddings(
@@ -348,31 +339,6 @@ class Embedder:
             return open_image(name)
         except (OSError, UnsupportedPixels):
             return None
-
-
-class _RGBThen:
-    """PIL image -> RGB -> ``transform`` (picklable for loader workers)."""
-
-    def __init__(self, transform: Callable):
-        self.transform = transform
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(convert(image, "RGB"))
-
-
-class _TensorLike:
-    """PIL image -> the (C, H, W) [0, 1] tensor layout of a tensor dataset -> its ``transform``."""
-
-    def __init__(self, channels: int, height: int, width: int, transform: Callable):
-        self.channels, self.size, self.transform = channels, (width, height), transform
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = convert(image, "L" if self.channels == 1 else "RGB")
-        if image.size != self.size:
-            image = image.resize(self.size, Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div_(255)
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-        return self.transform(x)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from dml.data.datasets.benchmark import FileBenchmark
 from dml.errors import UserError
 from dml.inference.embedder import Embedder
 from dml.io import atomic_path, refuse_existing
@@ -30,33 +29,9 @@ class EmbeddingModel(nn.Module):
 
 
 def preprocessing(embedder: Embedder) -> dict[str, Any]:
-    """What an exported model expects its input to be, as the checkpoint's test transform makes it."""
-    dm = embedder.datamodule
-    if isinstance(dm, FileBenchmark):
-        mean, std = dm._normalization()
-        return {
-            "input": "RGB image file",
-            "resize_shorter_side": dm.resize_size,
-            "interpolation": dm.interpolation,
-            "center_crop": [dm.image_size, dm.image_size],
-            "channel_order": "BGR" if dm.bgr_255 else "RGB",
-            "value_range": [0, 255] if dm.bgr_255 else [0, 1],
-            "mean": list(mean),
-            "std": list(std),
-            "layout": "NCHW float32",
-        }
-    transform, layout = dm.transform("test"), embedder.file_transform()
-    channels, (width, height) = layout.channels, layout.size
-    return {
-        "input": "grayscale image" if channels == 1 else "RGB image",
-        "resize": [height, width],
-        "interpolation": "bilinear",
-        "channel_order": "gray" if channels == 1 else "RGB",
-        "value_range": [0, 1],
-        "mean": transform.mean.flatten().tolist(),
-        "std": transform.std.flatten().tolist(),
-        "layout": "NCHW float32",
-    }
+    """What an exported model expects its input to be: the steps and values of the checkpoint's
+    :class:`~dml.data.preprocessing.Preprocessing`, enough to re-implement them without dml."""
+    return embedder.datamodule.preprocessing().to_json()
 
 
 FORMATS = ("onnx", "torchscript")
@@ -94,9 +69,7 @@ def export(
     # A copy on the CPU: the embedder's own model stays where it runs.
     model = copy.deepcopy(EmbeddingModel(embedder.module.backbone, embedder.module.head)).cpu().eval()
     pre = preprocessing(embedder)
-    size = pre.get("center_crop") or pre["resize"]
-    channels = 1 if pre["channel_order"] == "gray" else 3
-    example = torch.randn(2, channels, *size)
+    example = torch.randn(2, pre["channels"], *embedder.datamodule.preprocessing().input_size)
     written = {}
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)

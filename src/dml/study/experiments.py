@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from dml.builders import build_data_and_module
+from dml.checkpoints import load_checkpoint
 from dml.config import compose
 from dml.evaluation import collapse_metrics, knn, retrieval_metrics, singular_values
 from dml.evaluation.pictures import split_retrievals
 from dml.inference import Embedder
-from dml.tasks import build_data_and_module, load_checkpoint, train
+from dml.tasks import train
 
 
 @dataclass

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
 from dml.data.datamodule import ImageSource, RawSplit, RetrievalDataModule
-from dml.data.fast_path import BatchTransform, EncodedFiles
+from dml.data.fast_path import EncodedFiles
 from dml.data.images import UnsupportedPixels, open_image, unreadable_message
 from dml.data.preparation import Archive, check_images, ensure_files, read_index, resized_copy, write_index
+from dml.data.preprocessing import Preprocessing
 from dml.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -33,13 +33,6 @@ class ImageFiles:
             return open_image(path)
         except (OSError, UnsupportedPixels) as e:
             raise UserError(unreadable_message(path, e)) from e
-
-
-class ScaleToBGR255:
-    """RGB in [0, 1] -> BGR in [0, 255], for backbones trained on Caffe-style input (BN-Inception)."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flip(0) * 255
 
 
 def read_table(path: Path, columns: Sequence[type], skip: int = 0, source: str = "") -> list[tuple]:
@@ -158,7 +151,7 @@ class FileBenchmark(RetrievalDataModule):
         """Where the images are read from: the dataset folder, or its resized copy."""
         if not self.resized_cache:
             return self.root
-        self._normalization()  # resize_size from the backbone when the config left it null
+        self.preprocessing()  # resize_size from the backbone when the config left it null
         splits = read_index(self.root)
         paths = [path for columns in splits.values() for path in columns["path"]]
         return resized_copy(self.root, paths, self.resize_size)
@@ -210,40 +203,24 @@ class FileBenchmark(RetrievalDataModule):
         if self.bgr_255 is None:
             self.bgr_255 = bool(data_config.get("bgr_255", False))
 
-    def _normalization(self) -> tuple[Sequence[float], Sequence[float]]:
+    def preprocessing(self) -> Preprocessing:
+        """Resize the shorter side, centre-crop (random resized crops and flips in training), normalise; RGB,
+        or BGR in [0, 255] with ``bgr_255``. What the config left null comes from the backbone (see
+        :meth:`use_backbone_config`), or from ImageNet's defaults."""
         if None in (self.image_size, self.resize_size, self.interpolation, self.bgr_255):
             self.use_backbone_config({})
-        mean = self.mean if self.mean is not None else IMAGENET_MEAN
-        std = self.std if self.std is not None else IMAGENET_STD
-        return mean, std
-
-    def transform(self, stage: str) -> Callable:
-        mean, std = self._normalization()
-        mode = T.InterpolationMode(self.interpolation)
-        if stage == "train":
-            steps = [T.RandomResizedCrop(self.image_size, scale=self.crop_scale, interpolation=mode)] + (
-                [T.RandomHorizontalFlip()] if self.hflip else []
-            )
-        else:
-            steps = [T.Resize(self.resize_size, interpolation=mode), T.CenterCrop(self.image_size)]
-        steps.append(T.ToTensor())
-        if self.bgr_255:
-            steps.append(ScaleToBGR255())
-        steps.append(T.Normalize(mean, std))
-        return T.Compose(steps)
+        bgr = bool(self.bgr_255)
+        return Preprocessing(
+            mean=tuple(self.mean if self.mean is not None else IMAGENET_MEAN),
+            std=tuple(self.std if self.std is not None else IMAGENET_STD),
+            resize=self.resize_size,
+            center_crop=(self.image_size, self.image_size),
+            interpolation=self.interpolation,
+            channel_order="BGR" if bgr else "RGB",
+            value_range=255 if bgr else 1,
+            crop_scale=self.crop_scale,
+            hflip=self.hflip,
+        )
 
     def encoded(self, source: ImageSource) -> ImageSource:
         return EncodedFiles(source.root, source.paths)
-
-    def batch_transform(self) -> BatchTransform:
-        mean, std = self._normalization()
-        return BatchTransform(
-            self.image_size,
-            self.resize_size,
-            mean,
-            std,
-            self.hflip,
-            self.bgr_255,
-            interpolation=self.interpolation,
-            crop_scale=self.crop_scale,
-        )

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from dml.data.datamodule import RawSplit, RetrievalDataModule
-from dml.data.datasets.tensor_source import Normalize, TensorSource
+from dml.data.datasets.tensor_source import TensorSource
+from dml.data.preprocessing import Preprocessing
 from dml.errors import UserError
 
 IDX_FILES = {
@@ -140,5 +141,18 @@ class MNISTDataModule(RetrievalDataModule):
     def train_label_of(self, class_ids: torch.Tensor) -> torch.Tensor:
         return class_ids % 2 if self.label_mode == "parity" else class_ids
 
+    def preprocessing(self) -> Preprocessing:
+        """Gray 28 x 28 images (a file is converted and resized to that), repeated to ``channels``,
+        normalised with MNIST's mean and std; no augmentation."""
+        return Preprocessing(
+            mean=MNIST_MEAN * self.channels,
+            std=MNIST_STD * self.channels,
+            resize=(28, 28),
+            color="L",
+            channels=self.channels,
+            hflip=False,
+            random_crop=False,
+        )
+
     def transform(self, stage: str) -> Callable:
-        return Normalize(MNIST_MEAN * self.channels, MNIST_STD * self.channels)
+        return self.preprocessing().tensor_transform()

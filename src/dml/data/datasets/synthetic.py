@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from dml.data.datamodule import ImageSource, RawSplit, RetrievalDataModule
-from dml.data.datasets.tensor_source import Normalize, TensorSource
-from dml.data.fast_path import BatchTransform, EncodedTensors
+from dml.data.datasets.tensor_source import TensorSource
+from dml.data.fast_path import EncodedTensors
+from dml.data.preprocessing import Preprocessing
 from dml.errors import UserError
 
 
@@ -101,8 +102,22 @@ class SyntheticDataModule(RetrievalDataModule):
             "test": RawSplit(TensorSource(images[~train].contiguous()), labels[~train]),
         }
 
+    def preprocessing(self) -> Preprocessing:
+        """Its images as they are (a file is resized to them), normalised with mean 0.5 and std 0.25; no
+        augmentation."""
+        channels, size = self.gen["channels"], self.gen["image_size"]
+        return Preprocessing(
+            mean=(0.5,) * channels,
+            std=(0.25,) * channels,
+            resize=(size, size),
+            color="L" if channels == 1 else "RGB",
+            channels=channels,
+            hflip=False,
+            random_crop=False,
+        )
+
     def transform(self, stage: str) -> Callable:
-        return Normalize((0.5,) * self.gen["channels"], (0.25,) * self.gen["channels"])
+        return self.preprocessing().tensor_transform()
 
     def encoded(self, source: ImageSource) -> ImageSource:
         if self.gen["channels"] != 3:
@@ -110,8 +125,3 @@ class SyntheticDataModule(RetrievalDataModule):
                 f"dataset.pipeline=fast decodes RGB images: set dataset.channels=3, not {self.gen['channels']}"
             )
         return EncodedTensors(source.images)
-
-    def batch_transform(self) -> BatchTransform:
-        # the classic path's transform: no augmentation, the same normalisation
-        size = self.gen["image_size"]
-        return BatchTransform(size, size, (0.5,) * 3, (0.25,) * 3, hflip=False, augment=False)

@@ -20,14 +20,3 @@ class TensorSource:
 
     def load(self, index: int) -> torch.Tensor:
         return self.images[index].float().div_(255.0)
-
-
-class Normalize:
-    """Per-channel (x - mean) / std on a (C, H, W) tensor; picklable for worker processes."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
