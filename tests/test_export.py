@@ -77,7 +77,9 @@ def trained(base: Path, overrides: list[str]) -> Embedder:
 def test_an_image_benchmark_export_is_reproduced_from_its_json(tmp_path, order):
     # images of many sizes, wider and taller ones: the shorter-side resize and the centre crop both act
     make_cub(tmp_path / "data" / "cub", size=lambda seed: (30 + 7 * (seed % 4), 52 - 5 * (seed % 5)))
-    embedder = trained(tmp_path, [*tiny_cub(tmp_path / "data"), "backbone=timm_test", "dataset.num_workers=0", *order])
+    embedder = trained(
+        tmp_path, [*tiny_cub(tmp_path / "data"), "backbone=timm_test", "dataset.num_workers=0", *order]
+    )
     folder = tmp_path / "export"
     export(embedder, folder, formats=["onnx"])
     pre = json.loads((folder / "preprocessing.json").read_text())
