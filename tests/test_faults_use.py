@@ -330,24 +330,32 @@ def test_a_gpu_this_machine_lacks_is_one_message(monkeypatch):
         resolve_device("cuda:1")
 
 
-def test_an_output_replaced_by_a_write_that_fails_at_the_last_step_comes_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_an_output_replaced_by_a_write_that_fails_at_the_last_step_comes_back(tmp_path, monkeypatch, kind):
     import os
 
     import dml.io
 
-    path = tmp_path / "embeddings.safetensors"
-    path.write_bytes(b"the finished output")
+    path = tmp_path / ("index" if kind == "folder" else "embeddings.safetensors")
+    old = path / "meta.json" if kind == "folder" else path
+    old.parent.mkdir(exist_ok=True)
+    old.write_bytes(b"the finished output")
     real, calls = os.replace, []
 
     def replace(src, dst):
         calls.append(dst)
-        if len(calls) == 2:  # the old output moved aside; the new one's rename is interrupted
+        # a folder: the old one moved aside, then the new one's rename is interrupted; a file: one rename
+        if len(calls) == (2 if kind == "folder" else 1):
             raise KeyboardInterrupt
         real(src, dst)
 
     monkeypatch.setattr(dml.io.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt), dml.io.atomic_path(path) as tmp:
-        tmp.write_bytes(b"the new output")
+        if kind == "folder":
+            tmp.mkdir()
+            (tmp / "meta.json").write_bytes(b"the new output")
+        else:
+            tmp.write_bytes(b"the new output")
     monkeypatch.setattr(dml.io.os, "replace", real)
-    assert path.read_bytes() == b"the finished output"
+    assert old.read_bytes() == b"the finished output"
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name], "nothing half-written beside it"

@@ -3,7 +3,6 @@ atomically (each one beside its target, then renamed into place)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dml.errors import UserError
+from dml.io import atomic_path
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} not found; pass ckpt_path=<path to a .ckpt written by train.py>")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any load failure means the file is not a usable checkpoint
+    except Exception as e:  # any load failure means the file is not a usable checkpoint
         raise UserError(
             f"{path} cannot be read as a PyTorch checkpoint, it may be truncated ({type(e).__name__}: {e}); "
             "use another checkpoint of the run (its checkpoints/ folder)"
@@ -86,23 +86,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
+        kept = f"the previous {path.name} is kept as it was" if path.exists() else f"{path} was not written"
         try:
-            with open(tmp, "wb") as f:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:  # torch.save turns a failed write into a RuntimeError
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+        except (UserError, RuntimeError) as e:  # torch.save turns a failed write into a RuntimeError
             cause = next((x for x in (e, e.__context__, e.__cause__) if isinstance(x, OSError)), None)
             if cause is None:
                 raise
-            kept = (
-                f"the previous {path.name} is kept as it was" if path.exists() else f"{path} was not written"
-            )
             raise UserError(
                 f"could not write checkpoint {path} ({cause.strerror or cause}); {kept}. Free disk space in "
                 f"{path.parent} (or choose another run folder)"

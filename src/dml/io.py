@@ -15,6 +15,7 @@ import hashlib
 import os
 import resource
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,21 +136,24 @@ def write_failed(path: Path, reason: object) -> UserError:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write; it replaces ``path`` only when the block ends normally
-    (the old one moved aside first, deleted once the new one is in place, put back otherwise), and is
-    removed otherwise: a stopped run leaves nothing that looks complete, and the old output stays until
-    the new one is in place.
+    """A temporary sibling of ``path`` to write (a file or a folder): the package's one way to write an
+    output. It replaces ``path`` only when the block ends normally and is removed otherwise, so a stopped
+    run leaves nothing that looks complete. A file is renamed over the old one (readers see the old or the
+    new, never half of one); a folder's old version is moved aside first, deleted once the new one is in
+    place, and put back if that fails. The temporary name is the host's and the process's own (nodes may
+    share a folder).
 
     Raises:
         UserError: writing failed (a full disk, say); the message names ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    own = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = path.with_name(f".{path.name}.partial-{own}")
+    aside = path.with_name(f".{path.name}.old-{own}")
     placed = False
     try:
         yield tmp
-        if path.exists():
+        if tmp.is_dir() and path.exists():
             os.replace(path, aside)
         os.replace(tmp, path)
         placed = True
@@ -168,18 +172,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` and rename it into place: readers never see half a file.
+    """Write ``text`` (utf-8) to ``path`` through :func:`atomic_path`: readers never see half a file.
 
     Raises:
         UserError: it could not be written; nothing is left at ``path`` or beside it.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # a name of its own per process
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except OSError as e:
-        with contextlib.suppress(OSError):  # a read-only folder refuses even this
-            tmp.unlink(missing_ok=True)
-        raise UserError(
-            f"could not write {path} ({e.strerror or e}); free disk space or choose another folder"
-        ) from e

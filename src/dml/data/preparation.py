@@ -1,7 +1,7 @@
 """Preparing a benchmark once: find or download its official archives, extract, check, index.
 
-Every step that writes is all-or-nothing: downloads land in ``<file>.part`` and are renamed once their
-checksum matches; archives extract into a temporary folder that is moved into place only when complete;
+Every step that writes is all-or-nothing (:func:`dml.io.atomic_path`): downloads are renamed into place
+once their checksum matches; archives extract into a temporary folder that is moved into place only when complete;
 the index, written last, is what marks a prepared benchmark.
 """
 
@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import tarfile
 import tempfile
 import urllib.request
@@ -26,7 +25,7 @@ from PIL import Image
 
 from dml.data.images import convert, to_8bit
 from dml.errors import UserError
-from dml.io import write_atomic
+from dml.io import atomic_path, write_atomic
 from dml.log import get_logger
 
 log = get_logger(__name__)
@@ -75,23 +74,27 @@ def _download(archive: Archive, dest: Path) -> bool:
     """Fetch ``archive`` to ``dest``; False when it cannot be reached. A bad checksum is an error."""
     if archive.url is None:
         return False
-    part = dest.with_name(dest.name + ".part")
     log.info("downloading %s from %s", archive.filename, archive.url)
     try:
-        with urllib.request.urlopen(archive.url, timeout=30) as response, open(part, "wb") as out:
-            shutil.copyfileobj(response, out, 1 << 20)
-    except OSError as e:
-        part.unlink(missing_ok=True)
+        with atomic_path(dest) as part:  # in place only once complete and checked
+            try:
+                with urllib.request.urlopen(archive.url, timeout=30) as response, open(part, "wb") as out:
+                    shutil.copyfileobj(response, out, 1 << 20)
+            except OSError as e:
+                raise _Unreachable(e) from e
+            if not _checksum_ok(part, archive):
+                raise UserError(
+                    f"the download of {archive.filename} from {archive.url} does not match its published "
+                    f"checksum; try again, or get it from {archive.source or archive.url} and put it at {dest}"
+                )
+    except _Unreachable as e:
         log.info("could not download %s: %s", archive.url, e)
         return False
-    if not _checksum_ok(part, archive):
-        part.unlink(missing_ok=True)
-        raise UserError(
-            f"the download of {archive.filename} from {archive.url} does not match its published checksum; "
-            f"try again, or get it from {archive.source or archive.url} and put it at {dest}"
-        )
-    part.replace(dest)
     return True
+
+
+class _Unreachable(Exception):
+    """The archive's URL could not be read (no network, a dead link)."""
 
 
 def _extract(path: Path, root: Path) -> None:
@@ -146,7 +149,7 @@ def ensure_files(root: Path, name: str, archives: Iterable[Archive], download: b
         if archive.is_archive:
             log.info("extracting %s", path)
             _extract(path, root)
-            _marker(root, archive).write_text(json.dumps(_stamp(path)))
+            write_atomic(_marker(root, archive), json.dumps(_stamp(path)))
             if not (root / archive.provides).exists():
                 raise UserError(
                     f"{path} did not contain {archive.provides}; is it the official {name} archive?"
@@ -253,9 +256,7 @@ def resized_copy(root: Path, paths: list[str], short_side: int, quality: int = 9
             out = folder / rel
             if out.is_file():
                 continue
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f"{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # nodes may share it
-            with Image.open(root / rel) as image:
+            with Image.open(root / rel) as image, atomic_path(out) as tmp:
                 scale = short_side / min(image.size)
                 if scale < 1:
                     size = tuple(max(1, round(side * scale)) for side in image.size)
@@ -263,8 +264,7 @@ def resized_copy(root: Path, paths: list[str], short_side: int, quality: int = 9
                     image.save(tmp, "JPEG", quality=quality)
                 else:
                     shutil.copyfile(root / rel, tmp)  # small enough already: the file as it is
-            tmp.replace(out)
-        marker.write_text(json.dumps(settings))
+        write_atomic(marker, json.dumps(settings))
         return folder
     raise UserError(
         f"cannot write the resized copy of {root} there nor in {cache_path('resized', root)}; make one of them "

@@ -59,7 +59,7 @@ class Embeddings:
                 save_file(tensors, str(tmp), metadata=metadata)
             except OSError:
                 raise  # atomic_path says it in one line
-            except Exception as e:  # noqa: BLE001 - safetensors reports a failed write as its own error
+            except Exception as e:  # safetensors reports a failed write as its own error
                 raise write_failed(path, e) from e
         return path
 
@@ -80,7 +80,7 @@ class Embeddings:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-        except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
+        except Exception as e:  # any read failure means the same to the user
             raise UserError(f"{path} is not an embeddings file written by embed.py: {e}") from e
         if meta.get("format") != EMBEDDINGS_FORMAT or "vectors" not in tensors:
             raise UserError(

@@ -164,7 +164,7 @@ def _create_timm(name: str, pretrained: bool, pretrained_file: str | None, kwarg
         raise UserError(weights.offline_message(name))
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as e:  # noqa: BLE001 - hub errors differ by version; all mean "no weights"
+    except Exception as e:  # hub errors differ by version; all mean "no weights"
         raise UserError(f"{weights.offline_message(name)} ({type(e).__name__}: {e})") from e
 
 

@@ -36,7 +36,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any read failure is the file's fault here
+    except Exception as e:  # any read failure is the file's fault here
         raise UserError(f"could not read backbone.pretrained_file={str(path)!r}: {e}") from e
     for key in WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -129,7 +129,7 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], name: str,
     if filter_fn is not None:
         try:
             state = filter_fn(state, model)
-        except Exception as e:  # noqa: BLE001 - a filter fails on files of another architecture
+        except Exception as e:  # a filter fails on files of another architecture
             raise UserError(f"{source} does not fit backbone {name!r}: {type(e).__name__}: {e}") from e
     own = model.state_dict()
     state = _adapt_first_conv(state, own, model.pretrained_cfg.get("first_conv"))
@@ -166,7 +166,7 @@ def load_file_into(model: nn.Module, pretrained_file: str, name: str) -> None:
             raise UserError(f"backbone.pretrained_file={pretrained_file!r}: .npz weights load only into ViTs")
         try:
             model.load_pretrained(str(path))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise UserError(f"could not load {pretrained_file!r} into {name}: {type(e).__name__}: {e}") from e
         return
     load_state_into(model, read_state_dict(path), name, f"backbone.pretrained_file={pretrained_file!r}")
@@ -233,7 +233,7 @@ def url_state_dict(url: str, name: str) -> dict[str, torch.Tensor]:
         raise UserError(offline_message(name, url))
     try:
         torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any network failure means the same to the user
+    except Exception as e:  # any network failure means the same to the user
         raise UserError(f"{offline_message(name, url)} ({type(e).__name__}: {e})") from e
     return read_state_dict(cached)
 
