@@ -15,7 +15,7 @@ EXTRAS ?= $(shell nvidia-smi >/dev/null 2>&1 && echo dev,gpu || echo dev,cpu)
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data train evaluate study test test-all lint format clean
+.PHONY: help install data train evaluate study test test-all lint typecheck docs format clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -52,6 +52,12 @@ test-all: $(VENV)/.installed ## Run every test tier (slow and notebooks included
 lint: $(VENV)/.installed ## Lint and check formatting with ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.installed ## Type-check src/ with mypy (settings in pyproject.toml)
+	$(VENV)/bin/mypy
+
+docs: $(VENV)/.installed ## Regenerate docs/recipes.md from the recipes' headers
+	$(PYTHON) docs/build.py
 
 format: $(VENV)/.installed ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .

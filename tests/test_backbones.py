@@ -23,7 +23,7 @@ from tests.conftest import CONF
 BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
 # Small inputs for speed; ViTs are built at that size (position embeddings sized to it).
 SIZE = {"small_cnn": 28, "vit_s14_dinov2": 28}
-BN_INCEPTION_PARAMETERS = 10_270_240  # without the ImageNet classifier; quoted in the README
+BN_INCEPTION_PARAMETERS = 10_270_240  # without the ImageNet classifier; quoted in docs/backbones.md
 
 
 def documented_features(name: str) -> int:
@@ -187,9 +187,9 @@ def test_bn_inception_refuses_a_file_of_another_network(tmp_path):
         BNInception(pretrained_file=str(path))
 
 
-def test_bn_inception_parameter_count_is_in_the_readme():
-    readme = (CONF.parent / "README.md").read_text()
-    assert f"{BN_INCEPTION_PARAMETERS:,}" in readme
+def test_bn_inception_parameter_count_is_in_the_docs():
+    page = (CONF.parent / "docs" / "backbones.md").read_text()
+    assert f"{BN_INCEPTION_PARAMETERS:,}" in page
 
 
 # --- real pretrained weights, from a package ---------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Every command in the README's code blocks composes: python train.py / evaluate.py / prepare.py lines
-as written, make lines as the Makefile expands them (make -n)."""
+"""Every command in the code blocks of the README and the docs/ pages composes: python train.py /
+evaluate.py / prepare.py lines as written, make lines as the Makefile expands them (make -n)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ SCRIPTS = {
 
 
 def readme_commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [b for page in pages for b in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
     lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
     return [
         line
