@@ -31,7 +31,7 @@ def test_the_readme_results_excerpt_is_the_report_s():
     excerpt = README[README.index("## Results") :]
     report = (ROOT / "docs" / "results.md").read_text()
     numbers = re.findall(
-        r"(?<![\w.])\d+\.\d+(?![\w.])", "\n".join(l for l in excerpt.splitlines() if l.startswith("|"))
+        r"(?<![\w.])\d+\.\d+(?![\w.])", "\n".join(row for row in excerpt.splitlines() if row.startswith("|"))
     )
     assert len(numbers) > 40
     missing = sorted({n for n in numbers if not re.search(rf"(?<![\d.]){re.escape(n)}(?![\d])", report)})
