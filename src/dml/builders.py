@@ -5,7 +5,7 @@ builds through here, never through the command-line layer."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -35,7 +35,7 @@ def build_module(cfg: DictConfig) -> DMLModule:
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
         recall_ks=cfg.dataset.recall_ks,
-        run_config=OmegaConf.to_container(cfg, resolve=True),
+        run_config=cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)),
         **cfg.model,
     )
 

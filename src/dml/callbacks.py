@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import lightning as L
 import torch
@@ -12,6 +13,9 @@ from dml.evaluation.collapse import singular_values
 from dml.evaluation.pictures import embedding_map, spectrum_plot, split_retrievals
 from dml.evaluation.protocol import EvaluationProtocol
 from dml.log import get_logger
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import WandbLogger
 
 log = get_logger(__name__)
 
@@ -67,13 +71,16 @@ class EmbeddingPictures(L.Callback):
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 for p in paths:
-                    logger.log_image(key=f"{stage}/{p.stem.removeprefix(stage + '_')}", images=[str(p)])
+                    cast("WandbLogger", logger).log_image(
+                        key=f"{stage}/{p.stem.removeprefix(stage + '_')}", images=[str(p)]
+                    )
         log.info("pictures of the %s embeddings: %s", stage, self.dirpath)
 
     def _grid(
         self, x: torch.Tensor, y: torch.Tensor, protocol: EvaluationProtocol, path: Path, metric: str
     ) -> Path:
         roles = protocol.roles
+        assert protocol.raw_image is not None  # _draw only asks for a grid with images to show
         pool = torch.arange(len(y)) if roles is None else torch.nonzero(roles == 0).flatten()
         step = max(1, len(pool) // self.num_queries)
         queries = pool[::step][: self.num_queries]

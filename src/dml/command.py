@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -83,7 +83,8 @@ REQUIRED = {"evaluate": ("ckpt_path",)}
 
 def check_required(cfg: DictConfig) -> None:
     """Refuse a config whose mandatory values (``???``) were not given, naming them and the usage line."""
-    own = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])  # Hydra's own has ??? too
+    keys = cast(list[str], [key for key in cfg if key != "hydra"])  # a DictConfig's keys are strings here
+    own = OmegaConf.masked_copy(cfg, keys)  # Hydra's own has ??? too
     try:
         missing = sorted(OmegaConf.missing_keys(own))
     except Exception:  # noqa: BLE001 - a broken interpolation: the task itself reports it

@@ -120,6 +120,7 @@ def _parameters(target: str) -> tuple[dict[str, Any], set[str] | None]:
             hints = typing.get_type_hints(function) | hints  # a subclass's annotation wins
         except Exception:  # noqa: BLE001 - unreadable: nothing of it is checked
             return {}, None
+        assert names is not None  # only set to None right before a break
         names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         if not any(p.kind == p.VAR_KEYWORD for p in parameters):
             break
@@ -156,6 +157,7 @@ def _walk(value: Any, key: str) -> None:
             if str(name).startswith("_"):
                 continue
             if names is not None and name not in names - {"self"}:
+                assert isinstance(target, str)  # names are only known for a string target
                 raise UserError(
                     f"{key}.{name} is not a setting of {target.rsplit('.', 1)[-1]} ({key}); its settings are: "
                     + ", ".join(sorted(names - {"self"}))

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 class _RankZeroFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return rank_zero_only.rank == 0
+        return rank_zero_only.rank == 0  # type: ignore[attr-defined]  # Lightning sets .rank on the function
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -184,7 +184,8 @@ def check_resume(path: Path, stored: Mapping[str, Any], cfg: DictConfig) -> None
     """Refuse to resume with settings the checkpoint's restored state would silently override, and
     log the other settings that differ from the checkpoint's run (they take effect)."""
     current = OmegaConf.to_container(cfg, resolve=True)
-    ignored, changed = [], []
+    ignored: list[str] = []
+    changed: list[str] = []
     for key in sorted(_leaf_keys(stored) | _leaf_keys(current)):
         if key.split(".")[0] in ("paths", "hydra", "trainer", "callbacks", "logger", "tags", "run_group"):
             continue

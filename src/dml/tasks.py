@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -33,6 +33,11 @@ from dml.runs import (
     resolve_ckpt_path,
     stop_message,
 )
+
+if TYPE_CHECKING:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dml.models.module import DMLModule
 
 log = get_logger(__name__)
 
@@ -73,9 +78,9 @@ class MonitoredMetricsCheck(L.Callback):
         self.keys = keys
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
-        names = module.metric_names()
+        names = cast("DMLModule", module).metric_names()
         keys = dict(self.keys)
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # Lightning sets it at run time
             if getattr(callback, "monitor", None) and callback.monitor not in keys.values():
                 keys[f"callbacks ({type(callback).__name__}) monitor"] = callback.monitor
         for key, metric in keys.items():
@@ -111,12 +116,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         monitored["optimized_metric"] = cfg.optimized_metric
     trainer = build_trainer(cfg, [MonitoredMetricsCheck(monitored)])
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)))
     stage = "training"
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        checkpoint = cast("ModelCheckpoint | None", trainer.checkpoint_callback)
+        best = checkpoint.best_model_path if checkpoint else ""
         if cfg.get("test"):
             stage = "testing"
             if not best:
@@ -214,7 +220,7 @@ def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
     # Embeddings computed at the training precision reproduce the metrics training printed.
     precision = cfg.trainer.precision if "trainer.precision" in keys else run_cfg.trainer.get("precision")
     pictures = EmbeddingPictures(
-        Path(cfg.paths.output_dir) / "pictures" / f"{ckpt_path.parent.parent.name}_{ckpt_path.stem}"
+        str(Path(cfg.paths.output_dir) / "pictures" / f"{ckpt_path.parent.parent.name}_{ckpt_path.stem}")
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer,

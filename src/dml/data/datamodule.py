@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from dml.data.fast_path import PIPELINES, BatchTransform, EncodedBatch, EncodedCollate
 from dml.data.preprocessing import Preprocessing
@@ -304,7 +304,7 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def _hand_over_protocols(self) -> None:
         # Once, when the splits are known: the module being fitted or tested learns how to score them.
-        module = self.trainer.lightning_module if self.trainer is not None else None
+        module: Any = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None and hasattr(module, "set_evaluation_protocols"):
             module.set_evaluation_protocols({s: self.evaluation_protocol(s) for s in ("val", "test")})
 
@@ -332,7 +332,7 @@ class RetrievalDataModule(L.LightningDataModule):
         world, rank = self._world()
         labels = self.splits["train"].labels
         if self.sampler == "random":
-            sampler = RandomBatchSampler(len(labels), self.batch_size, self.seed, world, rank)
+            sampler: Sampler = RandomBatchSampler(len(labels), self.batch_size, self.seed, world, rank)
         else:
             sampler = ClassBalancedBatchSampler(
                 labels,
@@ -350,7 +350,7 @@ class RetrievalDataModule(L.LightningDataModule):
         process gets its share."""
         data = self.splits[data] if isinstance(data, str) else data
         world, rank = self._world()
-        sampler = DistributedSampler(data, world, rank, shuffle=False) if world > 1 else None
+        sampler: Sampler | None = DistributedSampler(data, world, rank, shuffle=False) if world > 1 else None
         return self._loader(
             data, batch_size=batch_size or self.eval_batch_size, sampler=sampler, shuffle=False
         )
@@ -363,7 +363,7 @@ class RetrievalDataModule(L.LightningDataModule):
         augmented, drawing from ``generator``); classic batches as they are."""
         if not isinstance(images, EncodedBatch):
             return images
-        return self._batch_transform(images, device, generator)
+        return cast(BatchTransform, self._batch_transform)(images, device, generator)  # set on the fast path
 
     def _loader(self, data: Dataset, train: bool = False, **kwargs: Any) -> DataLoader:
         if self._batch_transform is not None:

@@ -17,7 +17,7 @@ import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
@@ -167,7 +167,8 @@ def decode(
     for i, image in enumerate(out):
         if image is None:
             out[i] = _decode_one(data[i], names[i])
-    return [image.to(device, non_blocking=True) for image in out]
+    filled = cast(list[torch.Tensor], out)  # every None was decoded above
+    return [image.to(device, non_blocking=True) for image in filled]
 
 
 def crop_boxes(

@@ -9,6 +9,7 @@ dropping the low byte (``v >> 8``), which is what PIL does itself for 16-bit col
 from __future__ import annotations
 
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def convert(image: Image.Image, mode: str = "RGB") -> Image.Image:
     return to_8bit(image).convert(mode)
 
 
-def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+def open_image(path: str | Path | IO[bytes], mode: str = "RGB") -> Image.Image:
     """The image file at ``path``, decoded, in ``mode`` with 8-bit channels.
 
     Raises:

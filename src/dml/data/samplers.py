@@ -76,7 +76,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             batch_classes = rng.choice(len(pools), size=self.p, replace=False)
             batch = []
             for c in batch_classes:
-                taken = []
+                taken: list[int] = []
                 while len(taken) < self.k:
                     if cursor[c] == len(pools[c]):
                         pools[c], cursor[c] = rng.permutation(self.members[c]), 0

@@ -41,14 +41,15 @@ def distance_ratio(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
     x = embeddings.detach().double().cpu()
     labels = labels.cpu()
     classes = torch.unique(labels)
-    intra, centroids = [], []
+    intra: list[torch.Tensor] = []
+    means: list[torch.Tensor] = []
     for c in classes:
         members = x[labels == c]
-        centroids.append(members.mean(0))
+        means.append(members.mean(0))
         if len(members) > 1:
             d = torch.cdist(members, members)
             intra.append(d.sum() / (len(members) * (len(members) - 1)))
-    centroids = torch.stack(centroids)
+    centroids = torch.stack(means)
     m = len(centroids)
     if not intra or m < 2:
         return float("nan")

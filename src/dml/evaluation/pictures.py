@@ -84,8 +84,8 @@ def spectrum_plot(values: torch.Tensor, path: str | Path, title: str = "") -> Pa
 
 def _as_image(image: Any) -> np.ndarray:
     if isinstance(image, torch.Tensor):
-        array = image.detach().float().cpu()
-        array = array.permute(1, 2, 0).numpy() if array.ndim == 3 else array.numpy()
+        tensor = image.detach().float().cpu()
+        array = tensor.permute(1, 2, 0).numpy() if tensor.ndim == 3 else tensor.numpy()
         return np.clip(array.squeeze(), 0, 1)
     return np.asarray(image)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ def knn(
         (n, k) int64 indices into the reference rows, on the CPU.
     """
     same = reference is None
-    ref = query if same else reference
+    ref = query if reference is None else reference
     k = min(k, ref.shape[0] - int(same))
     if k <= 0:
         return torch.empty(query.shape[0], 0, dtype=torch.long)
@@ -65,12 +66,12 @@ def _knn_faiss(query: torch.Tensor, ref: torch.Tensor, k: int, same: bool) -> to
 
     q = np.ascontiguousarray(query.detach().float().cpu().numpy())
     r = q if same else np.ascontiguousarray(ref.detach().float().cpu().numpy())
-    index = faiss.IndexFlatIP(r.shape[1])
+    index: faiss.Index = faiss.IndexFlatIP(r.shape[1])
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(r)
-    _, idx = index.search(q, k + int(same))
-    idx = torch.from_numpy(idx).long()
+    _, found = index.search(q, k + int(same))
+    idx = torch.from_numpy(found).long()
     if same:
         keep = idx != torch.arange(idx.shape[0])[:, None]
         # A query not found among its own k+1 (ties with duplicates) loses its last neighbour instead.
@@ -283,7 +284,7 @@ def retrieval_scores(
     same = reference is None
     if not same and reference_labels is None:
         raise ValueError("reference given without reference_labels")
-    ref_labels = labels if same else reference_labels.cpu().long()
+    ref_labels = labels if same else cast(torch.Tensor, reference_labels).cpu().long()  # checked above
     r = _positive_counts(labels, ref_labels, same)
     n_ref = ref_labels.shape[0] - int(same)
     width = min(int(r.max()), n_ref)
@@ -294,12 +295,14 @@ def retrieval_scores(
     if metric == "euclidean":
         if backend != "torch":
             raise ValueError("the euclidean metric is scored with the torch backend")
-        query, ref = euclidean_as_inner_product(embeddings, embeddings if same else reference)
+        query, ref = euclidean_as_inner_product(embeddings, embeddings if reference is None else reference)
         ranks, nearest = _scan_torch(query, ref, labels, ref_labels, same, width)
     elif backend == "torch" and same:
         ranks, nearest = _scan_symmetric(embeddings, labels, width)
     elif backend == "torch":
-        ranks, nearest = _scan_torch(embeddings, reference, labels, ref_labels, same, width)
+        ranks, nearest = _scan_torch(
+            embeddings, cast(torch.Tensor, reference), labels, ref_labels, same, width
+        )
     elif backend == "faiss":
         ranks, nearest = _scan_faiss(
             embeddings, reference, labels, ref_labels, min(max(max(ks), width), n_ref), width

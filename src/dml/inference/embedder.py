@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from PIL import Image
-from torch import nn
 
 from dml.builders import build_data_and_module, fast_by_default
 from dml.checkpoints import load_checkpoint
@@ -18,6 +17,9 @@ from dml.errors import UserError, whole_number
 from dml.inference.embeddings import Embeddings
 from dml.io import file_sha256
 from dml.log import get_logger
+
+if TYPE_CHECKING:
+    from dml.models.module import DMLModule
 
 log = get_logger(__name__)
 
@@ -86,7 +88,7 @@ class Embedder:
 
     def __init__(
         self,
-        module: nn.Module,
+        module: DMLModule,
         datamodule: Any,
         checkpoint: Path,
         device: str = "auto",
@@ -144,7 +146,7 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return int(self.module.head.out_dim)
+        return int(cast(Any, self.module.head).out_dim)
 
     # --- preprocessing ----------------------------------------------------------------------------------
     def file_transform(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -208,27 +210,27 @@ class Embedder:
         """Embed image files; unreadable ones are listed in ``skipped`` (and logged), never fatal."""
         whole_number(batch_size, "batch_size")
         whole_number(num_workers, "num_workers", least=0)
-        paths = [Path(p) for p in paths]
+        files = [Path(p) for p in paths]
         loader = torch.utils.data.DataLoader(
-            _Files(paths, self.file_transform()),
+            _Files(files, self.file_transform()),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate,
         )
         order, chunks, skipped = [], [], []
-        with _progress(progress, len(paths), "embedding") as advance:
+        with _progress(progress, len(files), "embedding") as advance:
             for ids, images, bad in loader:
                 if images is not None:
                     order += ids
                     chunks.append(self.embed_batch(images))
                 for i, error in bad:
-                    skipped.append({"path": str(paths[i].resolve()), "error": error})
-                    log.warning("skipped %s: %s", paths[i], error)
+                    skipped.append({"path": str(files[i].resolve()), "error": error})
+                    log.warning("skipped %s: %s", files[i], error)
                 advance(len(ids) + len(bad))
         if not order:
             listed = "; ".join(f"{s['path']} ({s['error']})" for s in skipped[:3])
-            raise UserError(f"none of the {len(paths)} images could be read: {listed}")
-        names = [str(paths[i].resolve()) for i in order]
+            raise UserError(f"none of the {len(files)} images could be read: {listed}")
+        names = [str(files[i].resolve()) for i in order]
         vectors = torch.cat(chunks)
         labels = torch.full((len(names),), -1, dtype=torch.long)
         return Embeddings(
@@ -240,7 +242,7 @@ class Embedder:
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"images={str(folder)!r} is not a folder")
-        return self.embed_files(self.resolve(str(folder)), **kwargs)
+        return self.embed_files(cast(list[Path], self.resolve(str(folder))), **kwargs)  # a folder: its files
 
     @torch.no_grad()
     def embed_split(

@@ -53,8 +53,10 @@ class AntiCoLoss(nn.Module):
         if self.variant == "pair":
             z = embeddings
         elif self.variant == "batch_proxy":
+            assert self.proxies is not None  # every variant but pair has a bank
             z = self.proxies.normalized(torch.unique(labels))
         else:
+            assert self.proxies is not None
             z = self.proxies.normalized()
         rate = coding_rate(z, eps=self.eps, scale=self.scale)
         return torch.exp(-self.gamma * rate) if self.form == "exp" else -self.gamma * rate

@@ -91,7 +91,7 @@ class CompositeLoss(nn.Module):
             )
         params = inspect.signature(part).parameters
         given = {"num_classes": self.num_classes, "embedding_size": self.embedding_size}
-        kwargs = {k: v for k, v in given.items() if k in params}
+        kwargs: dict[str, Any] = {k: v for k, v in given.items() if k in params}
         if "proxies" in params:
             kwargs["proxies"] = self.proxies
         return part(**kwargs)

@@ -7,7 +7,7 @@ miner's own seeded generator, never the process-global RNG.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -48,8 +48,8 @@ class Miner(nn.Module):
         return torch.multinomial(weights, 1, generator=self.generator(weights.device)).squeeze(1)
 
 
-def _empty(device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.empty(0, dtype=torch.long, device=device) for _ in range(n))
+def _empty(device: torch.device, n: Literal[3]) -> Triplets:
+    return cast(Triplets, tuple(torch.empty(0, dtype=torch.long, device=device) for _ in range(n)))
 
 
 class RandomTripletMiner(Miner):
@@ -91,7 +91,7 @@ class SemiHardNegativeMiner(Miner):
             kept.append((a[keep], p[keep], n[keep]))
         if not kept:
             return _empty(labels.device, 3)
-        return tuple(torch.cat(parts) for parts in zip(*kept, strict=True))
+        return cast(Triplets, tuple(torch.cat(parts) for parts in zip(*kept, strict=True)))
 
 
 def distance_log_weights(dist: torch.Tensor, dim: int, cutoff: float = 0.5) -> torch.Tensor:

@@ -7,6 +7,8 @@ enumerated in chunks so that no B x B x B tensor is ever built.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,7 +132,7 @@ class MarginLoss(nn.Module):
         self.normalize_embeddings = normalize_embeddings
         if per_class and num_classes is None:
             raise ValueError("MarginLoss(per_class=True) needs num_classes")
-        init = torch.full((num_classes if per_class else 1,), float(beta))
+        init = torch.full((cast(int, num_classes) if per_class else 1,), float(beta))  # checked above
         self.beta = nn.Parameter(init, requires_grad=learn_beta)
         self.alpha, self.nu, self.per_class = alpha, nu, per_class
         self.param_lr, self.param_weight_decay = beta_lr, beta_weight_decay
@@ -139,7 +141,8 @@ class MarginLoss(nn.Module):
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: Pairs | Triplets | None = None
     ) -> torch.Tensor:
         dist = pairwise_distance(embeddings, normalize=self.normalize_embeddings)
-        total, divisor, beta_sum = 0 * dist.sum() + 0 * self.beta.sum(), 0, 0
+        total, divisor = 0 * dist.sum() + 0 * self.beta.sum(), 0
+        beta_sum: torch.Tensor | int = 0
         for a, p, n in iter_triplets(indices, labels):
             beta = (self.beta[labels[a]] if self.per_class else self.beta.expand(len(a))).to(dist.dtype)
             pos = F.relu(dist[a, p] - beta + self.alpha)

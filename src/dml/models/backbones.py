@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, cast
 
 import timm
 import torch
@@ -108,7 +108,7 @@ class TimmBackbone(Backbone):
             raise UserError(f"backbone.token_pool must be cls or mean, got {token_pool!r}")
         kwargs = dict(num_classes=0, in_chans=in_chans) | ({"img_size": img_size} if img_size else {})
         self.name = name
-        self.model = _create_timm(name, pretrained, pretrained_file, kwargs)
+        self.model = cast(Any, _create_timm(name, pretrained, pretrained_file, kwargs))  # timm's API: untyped
         self.token_pool = token_pool
         self.is_token_model = hasattr(self.model, "cls_token") or hasattr(self.model, "num_prefix_tokens")
         if self.is_token_model:

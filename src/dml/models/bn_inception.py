@@ -86,7 +86,9 @@ class InceptionBlock(nn.Module):
             ConvBN(s.double, s.double, 3, stride, m),
         )
         if s.pool == "avg":
-            self.pool = nn.AvgPool2d(3, stride=1, padding=1, ceil_mode=True, count_include_pad=True)
+            self.pool: nn.Module = nn.AvgPool2d(
+                3, stride=1, padding=1, ceil_mode=True, count_include_pad=True
+            )
         elif s.pool == "max":
             self.pool = nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -151,7 +151,7 @@ class DMLModule(L.LightningModule):
             self._channels_last = True
         if on["compile"] and not getattr(self.backbone, "_compiled_by_dml", False):
             self.backbone.compile()  # in place: parameters and state dict keys stay the backbone's
-            self.backbone._compiled_by_dml = True
+            cast(Any, self.backbone)._compiled_by_dml = True
         if any(on.values()):
             log.info("speed switches: %s", ", ".join(name for name, value in on.items() if value))
 
@@ -240,7 +240,7 @@ class DMLModule(L.LightningModule):
         if self.trainer.world_size > 1:
             # The distributed sampler pads the split with repeats; keep one copy per item.
             embeddings, labels, index = (
-                self.all_gather(t).flatten(0, 1) for t in (embeddings, labels, index)
+                cast(torch.Tensor, self.all_gather(t)).flatten(0, 1) for t in (embeddings, labels, index)
             )
             index, first = _first_occurrence(index)
             embeddings, labels = embeddings[first], labels[first]
@@ -252,7 +252,7 @@ class DMLModule(L.LightningModule):
         }
         roles = protocol.roles.to(index.device)[index] if protocol.roles is not None else None
         options = {"ks": protocol.recall_ks, **self._metric_options()}
-        metrics = {}
+        metrics: dict[str, float] = {}
         for prefix, set_labels in label_sets.items():
             if roles is None:
                 values = retrieval_metrics(embeddings, set_labels, **options)
@@ -303,7 +303,7 @@ class DMLModule(L.LightningModule):
         keywords = getattr(self.optimizer_factory, "keywords", {})
         out = []
         for i, group in enumerate(
-            self.backbone.layer_groups(keywords.get("weight_decay", 0.0), self.layer_decay)
+            cast(Any, self.backbone).layer_groups(keywords.get("weight_decay", 0.0), self.layer_decay)
         ):
             params = [p for p in group["params"] if p.requires_grad]
             if params:

@@ -4,25 +4,28 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from dml.losses import CompositeLoss
 
 
-def capture(loss: nn.Module) -> dict[str, Any]:
+def capture(loss: CompositeLoss) -> dict[str, Any]:
     """This process's random state, with ``loss``'s miners' (``loss.random_state()``)."""
     return {
         "python": random.getstate(),
-        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        # numpy's stubs pick the legacy=False overload for a bare call; the default (legacy) is a tuple
+        "numpy": _numpy_state_to_plain(cast(tuple, np.random.get_state())),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "miners": loss.random_state(),
     }
 
 
-def restore(state: dict[str, Any], loss: nn.Module) -> None:
+def restore(state: dict[str, Any], loss: CompositeLoss) -> None:
     """Set this process's random state (and ``loss``'s miners') to ``state`` from :func:`capture`; the
     CUDA state only where the same number of devices is visible."""
     random.setstate(state["python"])

@@ -13,6 +13,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import torch
@@ -33,7 +34,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            state: Any = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any read failure is the file's fault here
@@ -61,7 +62,7 @@ def check_keys(
     found: set[str],
     source: str,
     what: str,
-    optional: set[str] = frozenset(),
+    optional: set[str] | frozenset[str] = frozenset(),
     wrong: Sequence[str] = (),
 ) -> None:
     """Refuse a weights file that misses an ``expected`` key (``optional`` ones aside), has one more, or
@@ -90,7 +91,7 @@ def from_lukemelas_efficientnet(state: dict[str, torch.Tensor], model: nn.Module
         "_bn1": "bn2",
         "_fc": "classifier",
     }
-    flat = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    flat = [f"blocks.{s}.{i}" for s, stage in enumerate(cast(Any, model.blocks)) for i in range(len(stage))]
     inverted = {
         "_expand_conv": "conv_pw",
         "_bn0": "bn1",
@@ -132,8 +133,9 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], name: str,
         except Exception as e:  # a filter fails on files of another architecture
             raise UserError(f"{source} does not fit backbone {name!r}: {type(e).__name__}: {e}") from e
     own = model.state_dict()
-    state = _adapt_first_conv(state, own, model.pretrained_cfg.get("first_conv"))
-    classifier = model.pretrained_cfg.get("classifier") or "head"
+    pretrained_cfg = cast(dict[str, Any], model.pretrained_cfg)  # what every timm model carries
+    state = _adapt_first_conv(state, own, pretrained_cfg.get("first_conv"))
+    classifier = pretrained_cfg.get("classifier") or "head"
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     state = {k: v for k, v in state.items() if k in own or not k.startswith(tuple(h + "." for h in heads))}
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -165,7 +167,7 @@ def load_file_into(model: nn.Module, pretrained_file: str, name: str) -> None:
         if not hasattr(model, "load_pretrained"):
             raise UserError(f"backbone.pretrained_file={pretrained_file!r}: .npz weights load only into ViTs")
         try:
-            model.load_pretrained(str(path))
+            cast(Any, model).load_pretrained(str(path))
         except Exception as e:
             raise UserError(f"could not load {pretrained_file!r} into {name}: {type(e).__name__}: {e}") from e
         return
@@ -182,7 +184,7 @@ def hub_source(name: str) -> str:
     if cfg.hf_hub_id:
         filename = cfg.hf_hub_filename or HUB_FILENAMES[0]
         return f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{filename}"
-    return cfg.url or ""
+    return cast(str, cfg.url or "")  # timm's (url, hash) tuple form is used by no model
 
 
 def cached_hub_file(name: str) -> Path | None:

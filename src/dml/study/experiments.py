@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig
@@ -13,9 +14,12 @@ from omegaconf import DictConfig
 from dml.builders import build_data_and_module
 from dml.checkpoints import load_checkpoint
 from dml.config import compose
+from dml.data.datamodule import RetrievalDataModule, RetrievalSplit
 from dml.evaluation import collapse_metrics, knn, retrieval_metrics, singular_values
+from dml.evaluation.backends import Metric
 from dml.evaluation.pictures import split_retrievals
 from dml.inference import Embedder
+from dml.losses import AntiCoLoss
 from dml.tasks import train
 
 
@@ -36,7 +40,7 @@ class Embedded:
 
     embeddings: torch.Tensor
     labels: torch.Tensor
-    split: object
+    split: RetrievalSplit
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     metric: str = "cosine"  # euclidean for un-normalised embeddings (head.normalize=false)
 
@@ -55,7 +59,7 @@ class Embedded:
     def scores(self, ks: Sequence[int] = (1, 5, 10), nmi_multiples: Sequence[int] = ()) -> dict[str, float]:
         """Recall@K, MAP@R, R-Precision, NMI (and NMI+) and the collapse measures of this split."""
         metrics = retrieval_metrics(
-            self.embeddings, self.labels, ks=ks, metric=self.metric, nmi_multiples=nmi_multiples
+            self.embeddings, self.labels, ks=ks, metric=cast(Metric, self.metric), nmi_multiples=nmi_multiples
         )
         return metrics | collapse_metrics(self.embeddings, self.labels)
 
@@ -104,9 +108,7 @@ def embed(checkpoint: str | Path, split: str = "test", batch_size: int = 500) ->
     return Embedded(out.vectors, out.labels, data, dict(data.extra_labels), embedder.metric)
 
 
-def antico_probe(
-    checkpoint: str | Path, samples_per_class: int = 10, seed: int = 0
-) -> dict[str, float] | None:
+def antico_probe(checkpoint: str | Path, samples_per_class: int = 10, seed: int = 0) -> dict[str, Any] | None:
     """The AntiCo term of a trained checkpoint on one class-balanced batch of its training split (every
     training class, ``samples_per_class`` images each, drawn with ``seed``): its variant, weight, value
     (exp(-R) in the official form, unweighted), R, and the gradient norm the weighted term sends to the
@@ -115,11 +117,11 @@ def antico_probe(
     datamodule, module = build_data_and_module(run_cfg)
     module.load_state_dict(state_dict)
     module.eval()
-    term = module.loss.terms["antico"].loss if "antico" in module.loss.terms else None
+    term = cast(AntiCoLoss, module.loss.terms["antico"].loss) if "antico" in module.loss.terms else None
     if term is None:
         return None
     datamodule.setup("fit")
-    data = datamodule.splits["train"]
+    data = cast(RetrievalDataModule, datamodule).splits["train"]
     g = torch.Generator().manual_seed(seed)
     picks = [
         members[torch.randperm(len(members), generator=g)[:samples_per_class]]

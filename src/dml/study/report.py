@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ def load_spec(name: str) -> DictConfig:
     spec = OmegaConf.load(path)
     if "base" in spec:
         spec = OmegaConf.merge(load_spec(spec.base), {k: v for k, v in spec.items() if k != "base"})
-    return spec
+    return cast(DictConfig, spec)  # a study file is a mapping
 
 
 def mean_and_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -100,12 +101,15 @@ def antico_form_gradients(
     for count in classes:
         torch.manual_seed(0)
         bank = ProxyBank(count, dim)
-        row = {"classes": count}
+        row: dict[str, float] = {"classes": count}
         for form in ("exp", "neg"):
             bank.weight.grad = None
             value = AntiCoLoss("all_proxy", proxies=bank, form=form)(torch.empty(0, dim), torch.empty(0))
             value.backward()
-            row |= {f"{form}_value": value.item(), f"{form}_grad": bank.weight.grad.norm().item()}
+            row |= {
+                f"{form}_value": value.item(),
+                f"{form}_grad": cast(torch.Tensor, bank.weight.grad).norm().item(),
+            }
         row["rate"] = coding_rate(bank.normalized().detach(), eps=0.5, scale="official").item()
         rows.append(row)
     return rows

@@ -73,7 +73,7 @@ class _Study:
         if key not in self.done:
             quick = ["test=false", "trainer.check_val_every_n_epoch=${trainer.max_epochs}"]
             last = self._train(name, [*overrides, *quick])
-            row = {}
+            row: dict[str, float] = {}
             for split in splits:
                 scores = embed(last, split).scores(table.ks, table.nmi_multiples)
                 row |= {f"{split}/{k}": v for k, v in scores.items()}
@@ -143,7 +143,7 @@ class _Study:
             found[float(value)] = self.score(name, overrides, table, [sweep.split])[
                 f"{sweep.split}/{sweep.score}"
             ]
-        return max(found, key=found.get), found
+        return max(found, key=found.__getitem__), found
 
     def probe(self, table: DictConfig, arms: list, names: dict[str, str]) -> str:
         """The AntiCo term of each arm that has one, at the end of its first seed's run."""
@@ -188,8 +188,8 @@ class _Study:
             sweep = table.sweep
             text += f"\n{sweep.description} ({sweep.key}; {sweep.split} {sweep.score} by value):\n\n"
             text += "\n".join(notes) + "\n"
-        verdicts = [verdict(claim, scores) for claim in table.get("claims", [])]
-        verdicts = [v for v in verdicts if v]
+        checked = [verdict(claim, scores) for claim in table.get("claims", [])]
+        verdicts = [v for v in checked if v]
         if verdicts:
             text += "\nClaims (difference of means, Welch 95% interval; 'not separated' when it spans 0):\n\n"
             text += "\n".join(verdicts) + "\n"

@@ -13,7 +13,7 @@ from typing import Any
 try:  # the Optuna sweeper comes with the dev extra; without it, this plugin is not offered
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _Optuna
 except ImportError:  # pragma: no cover - exercised only where the plugin is not installed
-    _Optuna = None
+    _Optuna = None  # type: ignore[assignment,misc]  # None: the plugin is not installed
 
 if _Optuna is not None:
 
@@ -29,5 +29,6 @@ if _Optuna is not None:
                 from dml.command import report_failed_jobs
 
                 config = self.sweeper.config
+                assert config is not None  # set by setup, before the sweep
                 report_failed_jobs(Path(config.hydra.sweep.dir), ran=self.sweeper.n_trials)
                 raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image
@@ -153,6 +154,7 @@ class FileBenchmark(RetrievalDataModule):
             return self.root
         self.preprocessing()  # resize_size from the backbone when the config left it null
         splits = read_index(self.root)
+        assert splits is not None and self.resize_size is not None  # prepared, and set just above
         paths = [path for columns in splits.values() for path in columns["path"]]
         return resized_copy(self.root, paths, self.resize_size)
 
@@ -174,6 +176,7 @@ class FileBenchmark(RetrievalDataModule):
         if splits is None:
             self.prepare_data()
             splits = read_index(self.root)
+        assert splits is not None  # prepared just above
         out, images = {}, self._image_root()
         for name, columns in splits.items():
             fine = {"fine": torch.tensor(columns["fine"])} if "fine" in columns else {}
@@ -209,6 +212,7 @@ class FileBenchmark(RetrievalDataModule):
         :meth:`use_backbone_config`), or from ImageNet's defaults."""
         if None in (self.image_size, self.resize_size, self.interpolation, self.bgr_255):
             self.use_backbone_config({})
+        assert self.image_size is not None and self.resize_size is not None and self.interpolation is not None
         bgr = bool(self.bgr_255)
         return Preprocessing(
             mean=tuple(self.mean if self.mean is not None else IMAGENET_MEAN),
@@ -223,4 +227,5 @@ class FileBenchmark(RetrievalDataModule):
         )
 
     def encoded(self, source: ImageSource) -> ImageSource:
-        return EncodedFiles(source.root, source.paths)
+        files = cast(ImageFiles, source)  # the source load_raw made
+        return EncodedFiles(files.root, files.paths)

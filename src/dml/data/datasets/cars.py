@@ -43,7 +43,10 @@ class CarsDataModule(FileBenchmark):
             raise UserError(
                 f"{path} is not a readable Cars196 annotation file ({e}); download it again from {SOURCE}"
             ) from e
-        splits = {"train": {"path": [], "label": []}, "test": {"path": [], "label": []}}
+        splits: dict[str, dict[str, list]] = {
+            "train": {"path": [], "label": []},
+            "test": {"path": [], "label": []},
+        }
         for image, label in zip(images, labels, strict=True):
             split = "train" if label <= 98 else "test"
             splits[split]["path"].append(image)

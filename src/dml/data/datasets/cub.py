@@ -25,7 +25,10 @@ class CUBDataModule(FileBenchmark):
     def read_layout(self) -> dict[str, dict[str, list]]:
         base = self.root / "CUB_200_2011"
         paths = dict(read_table(base / "images.txt", (str, str)))
-        splits = {"train": {"path": [], "label": []}, "test": {"path": [], "label": []}}
+        splits: dict[str, dict[str, list]] = {
+            "train": {"path": [], "label": []},
+            "test": {"path": [], "label": []},
+        }
         for image_id, label in read_table(base / "image_class_labels.txt", (str, int)):
             if image_id not in paths:
                 raise UserError(

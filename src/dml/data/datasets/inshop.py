@@ -27,7 +27,10 @@ class InShopDataModule(FileBenchmark):
         path = self.root / "Eval" / "list_eval_partition.txt"
         # a count, a header, then: image_name item_id evaluation_status
         rows = read_table(path, (str, str, str), skip=2, source=SOURCE)
-        splits = {"train": {"path": [], "label": []}, "test": {"path": [], "label": [], "role": []}}
+        splits: dict[str, dict[str, list]] = {
+            "train": {"path": [], "label": []},
+            "test": {"path": [], "label": [], "role": []},
+        }
         roles = {"query": 0, "gallery": 1}
         for row in rows:
             if row[2] not in ("train", "query", "gallery") or not (

@@ -124,8 +124,8 @@ class MNISTDataModule(RetrievalDataModule):
         self.train_digits, self.test_digits = list(train_digits), list(test_digits)
 
     def load_raw(self) -> dict[str, RawSplit]:
-        images, digits = load_mnist(self.root)
-        images, digits = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(digits)
+        pixels, classes = load_mnist(self.root)
+        images, digits = torch.from_numpy(pixels).unsqueeze(1), torch.from_numpy(classes)
         images = images.expand(-1, self.channels, -1, -1)
         out = {}
         for split, chosen in (("train", self.train_digits), ("test", self.test_digits)):

@@ -57,7 +57,7 @@ class OmniglotDataModule(FileBenchmark):
     def read_layout(self) -> dict[str, dict[str, list]]:
         splits, alphabet_id, character_id = {}, 0, 0
         for split, part in (("train", "images_background"), ("test", "images_evaluation")):
-            columns = {"path": [], "label": [], "fine": []}
+            columns: dict[str, list] = {"path": [], "label": [], "fine": []}
             alphabets = sorted(p for p in (self.root / part).iterdir() if p.is_dir())
             if not alphabets:
                 raise UserError(f"{self.root / part} holds no alphabet folders; extract {part}.zip again")

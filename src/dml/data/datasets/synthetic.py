@@ -8,6 +8,7 @@ Training classes and test classes are disjoint.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ class SyntheticDataModule(RetrievalDataModule):
                 f"dataset.train_classes and dataset.test_classes must be >= 1, got {train_classes}, {test_classes}"
             )
         self.train_classes = train_classes
-        self.gen = dict(
+        self.gen: dict[str, Any] = dict(
             num_classes=train_classes + test_classes,
             modes_per_class=modes_per_class,
             images_per_mode=images_per_mode,
@@ -124,4 +125,4 @@ class SyntheticDataModule(RetrievalDataModule):
             raise UserError(
                 f"dataset.pipeline=fast decodes RGB images: set dataset.channels=3, not {self.gen['channels']}"
             )
-        return EncodedTensors(source.images)
+        return EncodedTensors(cast(TensorSource, source).images)  # the source load_raw made
