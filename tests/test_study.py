@@ -227,3 +227,15 @@ def test_a_stopped_study_is_one_message_with_the_command_that_goes_on(
         f"Go on from them with: python -m dml.study study=quick out=docs/results.md runs={tmp_path / 'runs'}"
         in said
     )
+
+
+@pytest.mark.parametrize(
+    "argument, said",
+    [("studdy=quick", "Could not override 'studdy'"), ("study=nope", "Could not find 'study/nope'")],
+)
+def test_a_bad_study_argument_is_one_message_with_the_usage(capsys, argument, said):
+    with pytest.raises(SystemExit) as stopped:
+        main([argument])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and said in err and "Traceback" not in err
+    assert "usage: python -m dml.study [study=<full|quick>] [out=<report>] [runs=<folder>]" in err

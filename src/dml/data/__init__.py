@@ -1,6 +1,6 @@
 """Data: benchmark readers, class-disjoint splits and class-balanced sampling."""
 
-from dml.data.datamodule import RetrievalDataModule, RetrievalSplit
+from dml.data.datamodule import RetrievalDataModule
 from dml.data.datasets import (
     CarsDataModule,
     CUBDataModule,
@@ -11,6 +11,7 @@ from dml.data.datasets import (
     SyntheticDataModule,
 )
 from dml.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
+from dml.data.splits import RetrievalSplit
 
 __all__ = [
     "CUBDataModule",

@@ -339,7 +339,7 @@ class DMLModule(L.LightningModule):
         # Lightning counts a "step" schedule's frequency in batches (batch_idx + 1, checked at each
         # optimizer step), not in optimizer steps: with gradient accumulation the batches per epoch are
         # what puts the step on the epoch's last batch.
-        trainer = self._trainer  # None outside a Trainer (then: a plain epoch schedule)
+        trainer = self.attached_trainer  # None outside a Trainer (then: a plain epoch schedule)
         scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}
         if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0:
             _ = trainer.estimated_stepping_batches  # sets up the training data: the batch count is known
@@ -347,6 +347,14 @@ class DMLModule(L.LightningModule):
             if batches != float("inf"):
                 scheduler |= {"interval": "step", "frequency": max(1, int(batches))}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    @property
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer running this module, or ``None`` outside one (Lightning's ``trainer`` raises)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dml_config"] = self.run_config
@@ -361,7 +369,8 @@ class DMLModule(L.LightningModule):
             return
         if isinstance(states, dict):  # written before states were kept per rank
             states = [states]
-        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        trainer = self.attached_trainer
+        rank, world = (self.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if len(states) != world:
             log.warning(
                 "the checkpoint holds the random state of %d process(es) and the run resumes on %d: "

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from dml.builders import build_data_and_module
 from dml.checkpoints import load_checkpoint
 from dml.config import compose
-from dml.data.datamodule import RetrievalDataModule, RetrievalSplit
+from dml.data.datamodule import RetrievalDataModule
+from dml.data.splits import RetrievalSplit
 from dml.evaluation import collapse_metrics, knn, retrieval_metrics, singular_values
 from dml.evaluation.backends import Metric
 from dml.evaluation.pictures import split_retrievals

@@ -9,7 +9,7 @@ from typing import cast
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, open_dict
 from scipy.stats import t as t_dist
 
 from dml.config import conf_dir
@@ -21,16 +21,34 @@ from dml.losses import AntiCoLoss, ProxyBank
 # --- the study behind docs/results.md (make study) ------------------------------------------------------
 
 
+def compose_study(overrides: Sequence[str] = ()) -> tuple[DictConfig, str]:
+    """``conf/study.yaml`` composed by Hydra with ``overrides`` (``study=quick``, ``out=...``, ``runs=...``):
+    the config (``study``: the spec; ``out``; ``runs``) and the chosen study's name.
+
+    Raises:
+        UserError: an override Hydra cannot apply (an unknown key or study, a malformed value).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("study", overrides=list(overrides), return_hydra_config=True)
+    except HydraException as e:
+        choices = ", ".join(sorted(p.stem for p in (conf_dir() / "study").glob("*.yaml")))
+        raise UserError(  # Hydra's first line; its hints (+key=...) do not apply here
+            f"{str(e).splitlines()[0]}\nusage: python -m dml.study [study=<{'|'.join(choices.split(', '))}>] [out=<report>] "
+            "[runs=<folder>]"
+        ) from e
+    name = str(cfg.hydra.runtime.choices.study)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg, name
+
+
 def load_spec(name: str) -> DictConfig:
-    """``conf/study/<name>.yaml``, merged over the study it names as its ``base``."""
-    path = conf_dir() / "study" / f"{name}.yaml"
-    if not path.is_file():
-        choices = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise UserError(f"study={name}: no {path}; choose one of {choices}")
-    spec = OmegaConf.load(path)
-    if "base" in spec:
-        spec = OmegaConf.merge(load_spec(spec.base), {k: v for k, v in spec.items() if k != "base"})
-    return cast(DictConfig, spec)  # a study file is a mapping
+    """The study ``conf/study/<name>.yaml`` (with the study it extends, through its defaults list)."""
+    return cast(DictConfig, compose_study([f"study={name}"])[0].study)
 
 
 def mean_and_ci(values: Sequence[float]) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from dml.command import fail, user_message
+from dml.command import check_command_line, fail, user_message
 from dml.errors import UserError
 from dml.evaluation.pictures import embedding_map
 from dml.io import check_folder, write_atomic
@@ -22,8 +22,8 @@ from dml.study.experiments import antico_probe, embed, train_run
 from dml.study.report import (
     REPORT_HEAD,
     check_report_path,
+    compose_study,
     forms_section,
-    load_spec,
     slug,
     table_section,
     verdict,
@@ -199,20 +199,18 @@ class _Study:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m dml.study [study=full|quick] [out=docs/results.md] [runs=logs/study/<time>]``."""
-    options = {
-        "study": "full",
-        "out": "docs/results.md",
-        "runs": f"logs/study/{time.strftime('%Y-%m-%d_%H-%M-%S')}",
-    }
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, _, value = arg.partition("=")
-        if key not in options or not value:
-            sys.exit(f"error: unknown argument {arg!r}; use " + " ".join(f"{k}=<{k}>" for k in options))
-        options[key] = value
+    """``python -m dml.study [study=full|quick] [out=docs/results.md] [runs=logs/study/<time>]``: Hydra
+    overrides of ``conf/study.yaml``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_command_line(argv)
+    try:
+        cfg, name = compose_study(argv)
+    except UserError as e:
+        fail(user_message(e))
+    options = {"study": name, "out": str(cfg.out), "runs": str(cfg.runs)}
     runs = Path(options["runs"])
     try:
-        out = run_study(load_spec(options["study"]), Path(options["out"]), runs)
+        out = run_study(cfg.study, Path(options["out"]), runs)
     except (KeyboardInterrupt, RunStopped) as e:
         again = " ".join(f"{k}={v}" for k, v in options.items() if k != "runs")
         fail(

@@ -9,11 +9,12 @@ from typing import cast
 import torch
 from PIL import Image
 
-from dml.data.datamodule import ImageSource, RawSplit, RetrievalDataModule
+from dml.data.datamodule import RetrievalDataModule
 from dml.data.fast_path import EncodedFiles
 from dml.data.images import UnsupportedPixels, open_image, unreadable_message
 from dml.data.preparation import Archive, check_images, ensure_files, read_index, resized_copy, write_index
 from dml.data.preprocessing import Preprocessing
+from dml.data.splits import ImageSource, RawSplit
 from dml.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

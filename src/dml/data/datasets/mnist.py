@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dml.data.datamodule import RawSplit, RetrievalDataModule
+from dml.data.datamodule import RetrievalDataModule
 from dml.data.datasets.tensor_source import TensorSource
 from dml.data.preprocessing import Preprocessing
+from dml.data.splits import RawSplit
 from dml.errors import UserError
 
 IDX_FILES = {

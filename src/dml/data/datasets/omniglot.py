@@ -5,9 +5,9 @@ The EPS protocol trains on alphabet labels and evaluates on alphabets (coarse) a
 
 from __future__ import annotations
 
-from dml.data.datamodule import RawSplit
 from dml.data.datasets.benchmark import FileBenchmark
 from dml.data.preparation import Archive
+from dml.data.splits import RawSplit
 from dml.errors import UserError
 
 BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"

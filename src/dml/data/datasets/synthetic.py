@@ -13,10 +13,11 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from dml.data.datamodule import ImageSource, RawSplit, RetrievalDataModule
+from dml.data.datamodule import RetrievalDataModule
 from dml.data.datasets.tensor_source import TensorSource
 from dml.data.fast_path import EncodedTensors
 from dml.data.preprocessing import Preprocessing
+from dml.data.splits import ImageSource, RawSplit
 from dml.errors import UserError
 
 
