@@ -12,7 +12,7 @@ from PIL import Image
 
 from dml.errors import UserError
 from dml.evaluation.retrieval import knn
-from dml.inference import Embeddings, Index, export
+from dml.inference import Embedder, Embeddings, Index, export
 from dml.tasks import evaluate
 from tests.conftest import compose_config, run_entry
 
@@ -185,3 +185,20 @@ def test_the_entry_points_end_to_end(checkpoint, tmp_path):
         [f"ckpt_path={checkpoint}", "images=test", f"out={emb}", f"hydra.run.dir={tmp_path / 'again'}"],
     )
     assert proc.returncode == 2 and "already exists" in proc.stderr and emb.read_bytes() == before
+
+
+def test_a_split_is_read_through_the_checkpoint_s_own_pipeline(checkpoint, test_split, tmp_path):
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert payload["dml_config"]["dataset"]["pipeline"] in ("auto", "classic")
+    assert Embedder.from_checkpoint(checkpoint, device="cpu").datamodule.pipeline == "classic"  # on a CPU
+    payload["dml_config"]["dataset"]["pipeline"] = "fast"  # trained through the fast path
+    fast_checkpoint = tmp_path / "fast.ckpt"
+    torch.save(payload, fast_checkpoint)
+    fast = Embedder.from_checkpoint(fast_checkpoint, device="cpu")
+    assert fast.datamodule.pipeline == "fast", "the checkpoint's choice, as evaluate.py makes it"
+    vectors = fast.embed_split("test", progress=False).vectors  # decoded by the datamodule's decode()
+    # the same images, JPEG-encoded on the synthetic fast path: close to the classic embeddings, not equal
+    similarity = (vectors * test_split.vectors).sum(1)
+    assert vectors.shape == test_split.vectors.shape and 0.8 < similarity.mean() < 0.999
+    chosen = Embedder.from_checkpoint(fast_checkpoint, device="cpu", pipeline="classic")
+    assert chosen.datamodule.pipeline == "classic"

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, cast
 import lightning as L
 import torch
 
+from dml.errors import UserError
 from dml.evaluation.collapse import singular_values
 from dml.evaluation.pictures import embedding_map, spectrum_plot, split_retrievals
 from dml.evaluation.protocol import EvaluationProtocol
@@ -16,6 +17,8 @@ from dml.log import get_logger
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
+
+    from dml.models import DMLModule
 
 log = get_logger(__name__)
 
@@ -85,3 +88,23 @@ class EmbeddingPictures(L.Callback):
         step = max(1, len(pool) // self.num_queries)
         queries = pool[::step][: self.num_queries]
         return split_retrievals(x, y, roles, protocol.raw_image, queries, path, self.top_k, metric)
+
+
+class MonitoredMetricsCheck(L.Callback):
+    """Checks, once the data are set up and before the first batch, that every metric the config
+    monitors (``monitor.metric``, ``optimized_metric``, callbacks' ``monitor``) is one the module logs."""
+
+    def __init__(self, keys: dict[str, str | None]):
+        self.keys = keys
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        names = cast("DMLModule", module).metric_names()
+        keys = dict(self.keys)
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # Lightning sets it at run time
+            if getattr(callback, "monitor", None) and callback.monitor not in keys.values():
+                keys[f"callbacks ({type(callback).__name__}) monitor"] = callback.monitor
+        for key, metric in keys.items():
+            if metric and metric not in names:
+                raise UserError(
+                    f"{key}={metric} is not a metric this run logs; choose one of: {', '.join(names)}"
+                )

@@ -170,7 +170,7 @@ def _walk(value: Any, key: str) -> None:
             _walk(item, key)
 
 
-# The groups a training run instantiates (the builders in dml.tasks, and the trainer), the ones that others
+# The groups a training run instantiates (the builders in dml.builders, and the trainer), the ones that others
 # interpolate from first: a wrong value is named where it was typed (trainer.max_epochs, not scheduler.T_max).
 BUILT_GROUPS = ("trainer", "dataset", "head", "backbone", "model", "loss", "optimizer", "scheduler")
 

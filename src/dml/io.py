@@ -16,6 +16,7 @@ import os
 import resource
 import shutil
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def unwritable(folder: Path, create: bool = False) -> str | None:
     if folder.exists() and not folder.is_dir():
         return "it is a file"
     if create or folder.is_dir():
-        probe = folder / f".dml_write_test.{os.getpid()}"
+        probe = folder / f".dml_write_test.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
@@ -140,14 +141,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
     output. It replaces ``path`` only when the block ends normally and is removed otherwise, so a stopped
     run leaves nothing that looks complete. A file is renamed over the old one (readers see the old or the
     new, never half of one); a folder's old version is moved aside first, deleted once the new one is in
-    place, and put back if that fails. The temporary name is the host's and the process's own (nodes may
-    share a folder).
+    place, and put back if that fails. The temporary names are the host's, the process's and this call's
+    own (nodes may share a folder, containers repeat host names and process ids).
 
     Raises:
         UserError: writing failed (a full disk, say); the message names ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    own = f"{socket.gethostname()}-{os.getpid()}"
+    own = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # containers repeat host and pid
     tmp = path.with_name(f".{path.name}.partial-{own}")
     aside = path.with_name(f".{path.name}.old-{own}")
     placed = False

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dml.builders import build_data_and_module, build_trainer
-from dml.callbacks import EmbeddingPictures
+from dml.callbacks import EmbeddingPictures, MonitoredMetricsCheck
 from dml.checkpoints import check_same_model, load_checkpoint, read_checkpoint, without_pretrained_weights
 from dml.command import is_multirun
 from dml.config import check_types
@@ -37,7 +37,6 @@ from dml.runs import (
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from dml.models.module import DMLModule
 
 log = get_logger(__name__)
 
@@ -68,26 +67,6 @@ def _metrics_table(title: str, metrics: dict[str, float]) -> str:
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-class MonitoredMetricsCheck(L.Callback):
-    """Checks, once the data are set up and before the first batch, that every metric the config
-    monitors (``monitor.metric``, ``optimized_metric``, callbacks' ``monitor``) is one the module logs."""
-
-    def __init__(self, keys: dict[str, str | None]):
-        self.keys = keys
-
-    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
-        names = cast("DMLModule", module).metric_names()
-        keys = dict(self.keys)
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # Lightning sets it at run time
-            if getattr(callback, "monitor", None) and callback.monitor not in keys.values():
-                keys[f"callbacks ({type(callback).__name__}) monitor"] = callback.monitor
-        for key, metric in keys.items():
-            if metric and metric not in names:
-                raise UserError(
-                    f"{key}={metric} is not a metric this run logs; choose one of: {', '.join(names)}"
-                )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -283,4 +283,4 @@ class BatchTransform:
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 255] floats -> the preprocessing's value range, channel order and normalisation."""
-        return self.steps(x.clamp_(0, 255) / 255)
+        return self.steps.from_255(x.clamp_(0, 255))

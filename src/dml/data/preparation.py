@@ -112,11 +112,9 @@ def _extract(path: Path, root: Path) -> None:
             raise UserError(
                 f"archive {path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and download it again"
             ) from e
-        for entry in tmp.iterdir():
-            target = root / entry.name
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            entry.replace(target)
+        for entry in tmp.iterdir():  # each in place at once; an earlier extraction's stays until then
+            with atomic_path(root / entry.name) as place:
+                entry.replace(place)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -256,12 +254,15 @@ def resized_copy(root: Path, paths: list[str], short_side: int, quality: int = 9
             out = folder / rel
             if out.is_file():
                 continue
-            with Image.open(root / rel) as image, atomic_path(out) as tmp:
+            with Image.open(root / rel) as image:  # read before the write starts: its errors are the file's
                 scale = short_side / min(image.size)
+                resized = None
                 if scale < 1:
                     size = tuple(max(1, round(side * scale)) for side in image.size)
-                    image = convert(image, "RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-                    image.save(tmp, "JPEG", quality=quality)
+                    resized = convert(image, "RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+            with atomic_path(out) as tmp:
+                if resized is not None:
+                    resized.save(tmp, "JPEG", quality=quality)
                 else:
                     shutil.copyfile(root / rel, tmp)  # small enough already: the file as it is
         write_atomic(marker, json.dumps(settings))

@@ -10,7 +10,7 @@ The evaluation steps, in order (``STEPS``, written into ``preprocessing.json``):
    ``resize`` and its longer side to ``int(resize * longer / shorter)``; ``resize`` a pair ``[h, w]``: to
    exactly that size;
 3. centre-cropped to ``center_crop`` ``[h, w]`` (none when null): top ``round((H - h) / 2)``, left
-   ``round((W - w) / 2)``;
+   ``round((W - w) / 2)``, rounding halves to even (Python's ``round``, as torchvision);
 4. values as float32 divided by 255 (``value_range`` [0, 1]) or not (``value_range`` [0, 255]);
 5. channels reversed when ``channel_order`` is ``BGR``; a gray image repeated to ``channels``;
 6. ``(x - mean) / std`` per channel; the model takes a batch of them as ``NCHW`` float32.
@@ -35,10 +35,14 @@ from dml.errors import UserError
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 STEPS = (
-    "convert the image to `color` (RGB, or L for gray; 16-bit images to 8 bits by v >> 8)",
-    "resize with `interpolation` (antialiased, as PIL's Image.resize): `resize` a number: the shorter side "
-    "to it and the longer side to int(resize * longer / shorter); `resize` [h, w]: to exactly that size",
-    "centre-crop to `center_crop` [h, w] (none when null): top round((H - h) / 2), left round((W - w) / 2)",
+    "convert the image to `color` as PIL's Image.convert does (RGB, or L for gray with PIL's luma weights "
+    "0.299, 0.587, 0.114; alpha dropped, palettes expanded; 16-bit images to 8 bits by v >> 8; EXIF "
+    "orientation not applied)",
+    "resize with `interpolation` as PIL's Image.resize does (antialiased; PIL's bicubic kernel, a = -0.5): "
+    "`resize` a number: the shorter side to it and the longer side to int(resize * longer / shorter); "
+    "`resize` [h, w]: to exactly that size",
+    "centre-crop to `center_crop` [h, w] (none when null): top round((H - h) / 2), left round((W - w) / 2), "
+    "rounding halves to even (Python's round: 58.5 -> 58)",
     "float32 values, divided by 255 when `value_range` is [0, 1]",
     "reverse the channels when `channel_order` is BGR; repeat a gray image to `channels`",
     "subtract `mean` and divide by `std`, per channel; batch as NCHW float32",
@@ -102,12 +106,16 @@ class Preprocessing:
                 f"dataset.mean={list(self.mean)} and dataset.std={list(self.std)} need one value per channel "
                 f"({self.channels})"
             )
-        if isinstance(self.resize, int) and self.center_crop and self.resize < min(self.center_crop):
+        if isinstance(self.resize, int) and self.center_crop and self.resize < max(self.center_crop):
             raise UserError(
-                f"dataset.resize_size={self.resize} is smaller than dataset.image_size={min(self.center_crop)}: "
+                f"dataset.resize_size={self.resize} is smaller than dataset.image_size={max(self.center_crop)}: "
                 "the evaluation's centre crop would not fit; set resize_size >= image_size"
             )
-        if not isinstance(self.resize, int) and self.center_crop and self.center_crop > self.resize:
+        if (
+            not isinstance(self.resize, int)
+            and self.center_crop
+            and any(c > r for c, r in zip(self.center_crop, self.resize, strict=True))
+        ):
             raise UserError(f"center_crop={list(self.center_crop)} is larger than resize={list(self.resize)}")
 
     @property
@@ -157,6 +165,7 @@ class Preprocessing:
     def to_json(self) -> dict[str, Any]:
         """What ``preprocessing.json`` says: the evaluation steps and their values (training fields left out)."""
         return {
+            "format": "dml preprocessing 2",  # 1: before color, channels and steps (resize_shorter_side)
             "input": "image file",
             "color": self.color,
             "resize": self.resize if isinstance(self.resize, int) else list(self.resize),
@@ -199,11 +208,20 @@ class TensorSteps:
             x = x.float() / 255 if self.scale == 1 else x.float()
         elif self.scale == 255:  # floats are already in [0, 1]
             x = x * 255
+        return self._rest(x)
+
+    def _rest(self, x: torch.Tensor) -> torch.Tensor:
+        """Channel order, channel count, normalisation, on values already in the value range."""
         if self.bgr:
             x = x.flip(-3)
         if x.shape[-3] == 1 and self.channels != 1:
             x = x.expand(*x.shape[:-3], self.channels, *x.shape[-2:])
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def from_255(self, x: torch.Tensor) -> torch.Tensor:
+        """The same steps on float values in [0, 255] (the fast path's resized images): no round trip
+        through [0, 1] for a value range of 255."""
+        return self._rest(x / 255 if self.scale == 1 else x)
 
     def __repr__(self) -> str:
         return f"TensorSteps(scale={self.scale}, bgr={self.bgr}, channels={self.channels})"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from omegaconf import open_dict
 from PIL import Image
 
 from dml.builders import build_data_and_module, fast_by_default
@@ -120,9 +121,9 @@ class Embedder:
     ) -> Embedder:
         """The model and preprocessing of a checkpoint written by ``train.py``; ``dataset_root``: where its
         dataset is now, if it moved since training (only splits need it). The dataset is read where it
-        is, never downloaded. ``pipeline``: how a split's images are read (see the dataset's
-        ``pipeline``): ``auto`` takes the fast path's batched decoding for image files on a GPU, as
-        ``evaluate.py`` does."""
+        is, never downloaded. ``pipeline``: how a split's images are read (``classic`` or ``fast``, see the
+        dataset's ``pipeline``); ``auto`` takes the checkpoint's own, as ``evaluate.py`` does, and where
+        that is ``auto`` too, the fast path's batched decoding for image files on a GPU."""
         chosen = resolve_device(device)  # before the checkpoint is read
         path = Path(path)
         if not path.is_file():
@@ -137,9 +138,12 @@ class Embedder:
             run_cfg.dataset.root = str(Path(dataset_root).expanduser())
         if "download" in run_cfg.dataset:  # a dataset that moved is not fetched again into its old folder
             run_cfg.dataset.download = False
-        if pipeline == "auto":
+        if pipeline == "auto":  # the checkpoint's own choice, as evaluate.py makes it
+            pipeline = str(run_cfg.dataset.get("pipeline", "classic"))
+        if pipeline == "auto":  # no trainer here: the device it runs on decides
             pipeline = "fast" if chosen.type == "cuda" and fast_by_default(run_cfg.dataset) else "classic"
-        run_cfg.dataset.pipeline = pipeline
+        with open_dict(run_cfg):
+            run_cfg.dataset.pipeline = pipeline
         datamodule, module = build_data_and_module(run_cfg)
         module.load_state_dict(state_dict)
         return cls(module, datamodule, path, device, run_cfg.get("trainer", {}).get("precision", "32-true"))
