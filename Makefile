@@ -6,6 +6,10 @@ VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 DATA   ?=
 ARGS   ?=
+# Hydra overrides typed as make variables (make train DATA=cub trainer=gpu): every command-line variable
+# that is not one of the Makefile's own goes to the script, after ARGS.
+OWN       := DATA PRESET ARGS CKPT EXTRAS VENV DEVICE
+OVERRIDES := $(filter-out $(addsuffix =%,$(OWN)),$(MAKEOVERRIDES))
 # The training setup a benchmark gets from make train (conf/preset/); PRESET= for none.
 PRESET ?= $(if $(filter cub cars sop inshop omniglot,$(DATA)),imagenet_finetune)
 CKPT   ?=
@@ -31,17 +35,17 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed ## Create .venv and install dml with dev tools and faiss (gpu or cpu)
 
 data: $(VENV)/.installed ## Prepare a dataset once and print its splits: make data DATA=cub
-	$(PYTHON) prepare.py $(if $(DATA),dataset=$(DATA)) $(ARGS)
+	$(PYTHON) prepare.py $(if $(DATA),dataset=$(DATA)) $(ARGS) $(OVERRIDES)
 
-train: $(VENV)/.installed ## Train: make train [DATA=cub] [ARGS="experiment=antico_cub_r50 trainer=gpu"]
-	$(PYTHON) train.py $(if $(DATA),dataset=$(DATA)) $(if $(PRESET),preset=$(PRESET)) $(ARGS)
+train: $(VENV)/.installed ## Train: make train [DATA=cub] [trainer=gpu] [ARGS="experiment=antico_cub_r50"]
+	$(PYTHON) train.py $(if $(DATA),dataset=$(DATA)) $(if $(PRESET),preset=$(PRESET)) $(ARGS) $(OVERRIDES)
 
 evaluate: $(VENV)/.installed ## Evaluate a checkpoint: make evaluate CKPT=logs/train/runs/<run>/checkpoints/last.ckpt
 	@test -n "$(CKPT)" || { echo "error: give CKPT=<path to a .ckpt written by make train>"; exit 2; }
-	$(PYTHON) evaluate.py ckpt_path=$(CKPT) $(ARGS)
+	$(PYTHON) evaluate.py ckpt_path=$(CKPT) $(ARGS) $(OVERRIDES)
 
 study: $(VENV)/.installed ## Run the study behind docs/results.md (about 40 min on 2 cores): make study [ARGS=study=quick]
-	$(PYTHON) -m dml.study $(ARGS)
+	$(PYTHON) -m dml.study $(ARGS) $(OVERRIDES)
 
 test: $(VENV)/.installed ## Run the everyday test tier (< 5 min on 2 cores; slow, notebook and gpu tests left out)
 	WANDB_MODE=offline $(PYTHON) -m pytest -q

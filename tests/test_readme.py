@@ -71,3 +71,12 @@ def test_readme_command_composes(compose_cfg, command):
         args = [a if "[" in a else re.sub(r"=([^,]*),.*", r"=\1", a) for a in args]
     cfg = compose_cfg(args, name=SCRIPTS[script.rsplit("/", 1)[-1]])
     assert cfg.task_name == SCRIPTS[script.rsplit("/", 1)[-1]]
+
+
+def test_hydra_overrides_typed_as_make_variables_reach_the_script():
+    """make train DATA=cub trainer=gpu trains with trainer=gpu (make reads it as a variable of its own)."""
+    words = expand("make train DATA=cub trainer=gpu dataset.batch_size=240 'tags=[a, b]'")
+    args = words[words.index("train.py") + 1 :]
+    assert args[:2] == ["dataset=cub", "preset=imagenet_finetune"]  # make lists its variables in any order
+    assert sorted(args[2:]) == ["dataset.batch_size=240", "tags=[a, b]", "trainer=gpu"]
+    assert "DATA=cub" not in words and expand("make evaluate CKPT=x.ckpt trainer=cpu")[-1] == "trainer=cpu"
