@@ -62,6 +62,20 @@ def test_ranks_get_disjoint_classes_that_make_up_the_global_batch():
         assert sum(parts, []) == global_batch
 
 
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_the_default_image_batch_of_30_classes_by_4_splits_over_1_2_4_and_8_gpus(world):
+    labels = make_labels([10] * 40)
+    single = batches(ClassBalancedBatchSampler(labels, 30, 4, seed=5))
+    per_rank = [
+        batches(ClassBalancedBatchSampler(labels, 30, 4, seed=5, num_replicas=world, rank=r))
+        for r in range(world)
+    ]
+    for step, global_batch in enumerate(single):
+        parts = [per_rank[r][step] for r in range(world)]
+        assert all(len(p) == 120 // world for p in parts)
+        assert sum(parts, []) == global_batch  # the ranks together hold the single-process batch
+
+
 def test_small_classes_repeat_items_to_fill_k():
     labels = make_labels([2, 2, 2])
     (batch,) = batches(ClassBalancedBatchSampler(labels, 3, 4, num_batches=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -16,8 +17,11 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
 
     Each global batch takes P distinct classes at random; each class gives the next K items of its own
     shuffled pool, so every item is seen before any repeats (a class smaller than K repeats items). The
-    draw depends only on (seed, epoch): every rank draws the same global batch and keeps its own
-    disjoint share of P / num_replicas classes, so no rank needs to talk to another.
+    draw depends only on (seed, epoch): every rank draws the same global batch, laid out class by class,
+    and keeps its own contiguous share of P x K / num_replicas items, so no rank needs to talk to
+    another and the ranks together hold exactly the single-process batch. When num_replicas divides P
+    the shares are whole classes; otherwise a class may straddle two ranks, which changes nothing for
+    the loss, computed on the gathered batch (a batch of 30 x 4 = 120 splits over 1, 2, 4 or 8 GPUs).
 
     Args:
         labels: (N,) class label of each dataset item.
@@ -49,10 +53,11 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 f"a batch of {p} classes x {k} samples needs {p} classes but the training split has "
                 f"{len(self.classes)}; lower dataset.batch_size or raise dataset.samples_per_class"
             )
-        if p % num_replicas:
+        if (p * k) % num_replicas:
             raise UserError(
-                f"{p} classes per batch cannot be split evenly over {num_replicas} processes; choose "
-                f"dataset.batch_size / dataset.samples_per_class divisible by the number of devices"
+                f"dataset.batch_size={p * k} cannot be split evenly over {num_replicas} processes; choose a "
+                f"batch size divisible by the number of devices ({num_replicas}) and by "
+                f"dataset.samples_per_class={k}, e.g. {_lcm(num_replicas, k) * max(1, p * k // _lcm(num_replicas, k))}"
             )
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
@@ -71,7 +76,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng([self.seed, self.epoch])
         pools = [rng.permutation(m) for m in self.members]
         cursor = [0] * len(pools)
-        share = self.p // self.num_replicas
+        share = self.p * self.k // self.num_replicas
         for _ in range(self.num_batches):
             batch_classes = rng.choice(len(pools), size=self.p, replace=False)
             batch = []
@@ -84,8 +89,12 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                     taken.extend(pools[c][cursor[c] : cursor[c] + n].tolist())
                     cursor[c] += n
                 batch.append(taken)
-            mine = batch[self.rank * share : (self.rank + 1) * share]
-            yield [i for group in mine for i in group]
+            flat = [i for group in batch for i in group]
+            yield flat[self.rank * share : (self.rank + 1) * share]
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
 
 
 class RandomBatchSampler(Sampler[list[int]]):
