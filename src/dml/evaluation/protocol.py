@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from dml.evaluation.collapse import COLLAPSE_METRICS
-from dml.evaluation.metrics import metric_names
+from dml.evaluation.collapse import COLLAPSE_METRICS, collapse_metrics
+from dml.evaluation.metrics import metric_names, retrieval_metrics
 
 
 @dataclass(frozen=True)
@@ -41,3 +41,38 @@ class EvaluationProtocol:
             for name in names
         ]
         return out + [f"{stage}/{name}" for name in COLLAPSE_METRICS] * collapse
+
+    def score(
+        self,
+        stage: str,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor,
+        collapse: bool = True,
+        **options: Any,
+    ) -> dict[str, float]:
+        """The metrics of the split's ``embeddings`` (one per item, at ``positions`` in the split), named
+        ``<stage>/...``: retrieval by each label set (queries against the gallery where the split has
+        roles), and the collapse measures. ``options``: of :func:`~dml.evaluation.retrieval_metrics`."""
+        label_sets = {"": labels} | {
+            f"{name}/": extra.to(positions.device)[positions] for name, extra in self.extra_labels.items()
+        }
+        roles = self.roles.to(positions.device)[positions] if self.roles is not None else None
+        options = {"ks": self.recall_ks, **options}
+        metrics: dict[str, float] = {}
+        for prefix, set_labels in label_sets.items():
+            if roles is None:
+                values = retrieval_metrics(embeddings, set_labels, **options)
+            else:  # query/gallery protocol: queries search the gallery only
+                query, gallery = roles == 0, roles == 1
+                values = retrieval_metrics(
+                    embeddings[query],
+                    set_labels[query],
+                    reference=embeddings[gallery],
+                    reference_labels=set_labels[gallery],
+                    **options,
+                )
+            metrics |= {f"{stage}/{prefix}{k}": v for k, v in values.items()}
+        if collapse:
+            metrics |= {f"{stage}/{k}": v for k, v in collapse_metrics(embeddings, labels).items()}
+        return metrics

@@ -61,6 +61,14 @@ def _knn_torch(query: torch.Tensor, ref: torch.Tensor, k: int, same: bool) -> to
     return torch.cat(out)
 
 
+def faiss_device(device: torch.device) -> int:
+    """The GPU a faiss index should live on for tensors on ``device``: its own GPU, else this process's
+    current one (under DDP each rank's)."""
+    if device.type == "cuda" and device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
 def _knn_faiss(query: torch.Tensor, ref: torch.Tensor, k: int, same: bool) -> torch.Tensor:
     import faiss
 
@@ -68,7 +76,9 @@ def _knn_faiss(query: torch.Tensor, ref: torch.Tensor, k: int, same: bool) -> to
     r = q if same else np.ascontiguousarray(ref.detach().float().cpu().numpy())
     index: faiss.Index = faiss.IndexFlatIP(r.shape[1])
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        # this process's GPU (each DDP rank has its own), not GPU 0
+        device = faiss_device(query.device)
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device, index)
     index.add(r)
     _, found = index.search(q, k + int(same))
     idx = torch.from_numpy(found).long()

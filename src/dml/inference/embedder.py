@@ -55,12 +55,14 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list, t
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:<n>``, checked against this machine.
+    A GPU comes back numbered (``cuda`` is ``cuda:<current device>``), as Lightning's devices are: the fast
+    path's JPEG decoder is kept per device, and ``cuda`` and ``cuda:0`` would build two.
 
     Raises:
         UserError: not a device name, or a GPU that this machine does not have.
     """
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         chosen = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -73,6 +75,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise UserError(
             f"device={device!r} but this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
         )
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device("cuda", torch.cuda.current_device())
     return chosen
 
 

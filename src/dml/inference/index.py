@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dml.errors import UserError, whole_number
+from dml.evaluation.retrieval import faiss_device
 from dml.inference.embeddings import Embeddings
 from dml.io import atomic_path, refuse_existing, write_failed
 from dml.log import get_logger
@@ -218,7 +219,9 @@ class Index:
             gpu == "auto" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
         )
         if use_gpu and meta["kind"] != "hnsw":
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            index = faiss.index_cpu_to_gpu(
+                faiss.StandardGpuResources(), faiss_device(torch.device("cpu")), index
+            )
         return cls(index, meta)
 
     def check_model(self, checkpoint_sha256: str, what: str = "the query embeddings") -> None:

@@ -12,7 +12,6 @@ import torch.distributed as dist
 from torch import nn
 
 from dml.errors import UserError
-from dml.evaluation import collapse_metrics, retrieval_metrics
 from dml.evaluation.backends import KNN_BACKENDS, faiss_available
 from dml.evaluation.protocol import EvaluationProtocol
 from dml.log import get_logger
@@ -247,28 +246,15 @@ class DMLModule(L.LightningModule):
         order = torch.argsort(index)
         embeddings, labels, index = embeddings[order], labels[order], index[order]
         protocol = self.protocol(stage)
-        label_sets = {"": labels} | {
-            f"{name}/": extra.to(index.device)[index] for name, extra in protocol.extra_labels.items()
-        }
-        roles = protocol.roles.to(index.device)[index] if protocol.roles is not None else None
-        options = {"ks": protocol.recall_ks, **self._metric_options()}
+        # Scored once, on rank 0 (k-means, kNN and the collapse measures would be the same on every rank),
+        # and shared.
         metrics: dict[str, float] = {}
-        for prefix, set_labels in label_sets.items():
-            if roles is None:
-                values = retrieval_metrics(embeddings, set_labels, **options)
-            else:  # query/gallery protocol: queries search the gallery only
-                query, gallery = roles == 0, roles == 1
-                values = retrieval_metrics(
-                    embeddings[query],
-                    set_labels[query],
-                    reference=embeddings[gallery],
-                    reference_labels=set_labels[gallery],
-                    **options,
-                )
-            metrics |= {f"{stage}/{prefix}{k}": v for k, v in values.items()}
-        if self.collapse:
-            metrics |= {f"{stage}/{k}": v for k, v in collapse_metrics(embeddings, labels).items()}
-        # Identical on every rank (computed from the gathered embeddings); syncing only quiets Lightning.
+        if self.global_rank == 0:
+            options = self._metric_options()
+            metrics = protocol.score(stage, embeddings, labels, index, self.collapse, **options)
+        if self.trainer.world_size > 1:
+            metrics = _broadcast_object(metrics)
+        # Identical on every rank; syncing only quiets Lightning.
         self.log_dict(metrics, sync_dist=self.trainer.world_size > 1)
         # Kept for callbacks that draw the embedding space (dml.callbacks.EmbeddingPictures).
         self.last_evaluation = EvaluationResult(stage, embeddings.cpu(), labels.cpu(), protocol)
@@ -381,6 +367,13 @@ class DMLModule(L.LightningModule):
                 rank % len(states),
             )
         random_state.restore(states[rank % len(states)], self.loss)
+
+
+def _broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj``, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _gather_objects(obj: Any) -> list[Any]:
