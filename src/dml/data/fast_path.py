@@ -13,23 +13,21 @@ the batch in channels_last when ``model.channels_last`` is on).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
+from torchvision.io import encode_jpeg
 
-from dml.data.images import UnsupportedPixels, open_image, to_uint8, unreadable_message
+from dml.data.decoding import batch_decodable, decode, decode_one
+from dml.data.images import unreadable_message
 from dml.data.preprocessing import Preprocessing
 from dml.errors import UserError
 
 PIPELINES = ("auto", "classic", "fast")
-JPEG_MAGIC = b"\xff\xd8"
 
 
 class Encoded(NamedTuple):
@@ -47,21 +45,36 @@ def _named(names: Sequence[str] | None, count: int) -> list[str]:
 class EncodedBatch:
     """A batch of encoded images, kept on the CPU by Lightning's batch transfer (a plain object, not a
     collection): the decoder reads it from there. The images travel from the loader workers as one
-    uint8 buffer and their lengths (one shared-memory block a batch, not one per image); ``names`` say
+    uint8 buffer and their lengths (one shared-memory block a batch, not one per image); an image the
+    batched decoder does not take travels decoded, as its pixels with their ``shape``. ``names`` say
     where each came from, so that an image that does not decode is named."""
 
-    __slots__ = ("buffer", "lengths", "names", "train")
+    __slots__ = ("buffer", "lengths", "names", "shapes", "train")
 
-    def __init__(self, data: Sequence[torch.Tensor], train: bool, names: Sequence[str] | None = None):
-        self.buffer = torch.cat(list(data)) if len(data) else torch.empty(0, dtype=torch.uint8)
-        self.lengths = [len(d) for d in data]
+    def __init__(
+        self,
+        data: Sequence[torch.Tensor],
+        train: bool,
+        names: Sequence[str] | None = None,
+        shapes: Sequence[tuple[int, ...] | None] | None = None,
+    ):
+        flat = [d.reshape(-1) for d in data]
+        self.buffer = torch.cat(flat) if len(flat) else torch.empty(0, dtype=torch.uint8)
+        self.lengths = [len(d) for d in flat]
+        self.shapes = list(shapes) if shapes is not None else [None] * len(flat)
         self.names = _named(names, len(data))
         self.train = train
 
     @property
     def data(self) -> list[torch.Tensor]:
-        """Each image's bytes (views of the buffer)."""
-        return list(torch.split(self.buffer, self.lengths))
+        """Each image's bytes (1-D), or its decoded pixels ((3, H, W)): views of the buffer."""
+        parts = torch.split(self.buffer, self.lengths)
+        return [p if shape is None else p.view(shape) for p, shape in zip(parts, self.shapes, strict=True)]
+
+    @property
+    def decoded_in_workers(self) -> int:
+        """How many of its images the loader workers decoded (those the batched decoder does not take)."""
+        return sum(shape is not None for shape in self.shapes)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -105,8 +118,10 @@ class EncodedTensors:
 
 
 class EncodedCollate:
-    """A DataLoader collate_fn for items (:class:`Encoded`, label, position): a class, not a closure, so
-    that loader workers started by spawn or forkserver can unpickle it."""
+    """A DataLoader collate_fn for items (:class:`Encoded`, label, position), run in the loader workers:
+    images the batched decoder does not take (:func:`~dml.data.decoding.batch_decodable`: progressive or
+    CMYK JPEGs, PNGs, ...) are decoded here, the others stay encoded. A class, not a closure, so that
+    workers started by spawn or forkserver can unpickle it."""
 
     def __init__(self, train: bool):
         self.train = train
@@ -115,60 +130,13 @@ class EncodedCollate:
         self, items: list[tuple[Encoded, int, int]]
     ) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor]:
         encoded, labels, positions = zip(*items, strict=True)
-        batch = EncodedBatch([e.data for e in encoded], self.train, [e.name for e in encoded])
+        data, shapes = [], []
+        for e in encoded:
+            pixels = None if batch_decodable(e.data) else decode_one(e.data, e.name)
+            data.append(e.data if pixels is None else pixels)
+            shapes.append(None if pixels is None else tuple(pixels.shape))
+        batch = EncodedBatch(data, self.train, [e.name for e in encoded], shapes)
         return batch, torch.tensor(labels), torch.tensor(positions)
-
-
-def _decode_one(data: torch.Tensor, name: str) -> torch.Tensor:
-    """One image on the CPU: torchvision's decoders (JPEG, PNG, WebP, GIF), else PIL's (BMP, TIFF, ...).
-
-    Raises:
-        UserError: neither can decode it; the message names the file.
-    """
-    try:
-        return to_uint8(decode_image(data, mode=ImageReadMode.RGB))
-    except RuntimeError:
-        pass  # a format torchvision does not read, or a damaged file: PIL tells which
-    try:
-        image = open_image(io.BytesIO(data.numpy().tobytes()), "RGB")
-    except (OSError, UnsupportedPixels) as e:
-        raise UserError(unreadable_message(name, e)) from e
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-
-
-def decode(
-    data: Sequence[torch.Tensor], device: torch.device, names: Sequence[str] | None = None
-) -> list[torch.Tensor]:
-    """(3, H, W) uint8 RGB images on ``device``: JPEGs decoded together (on the GPU with a CUDA device),
-    anything else (PNG, grayscale, 16-bit, BMP, TIFF) one by one on the CPU, as are the JPEGs of a batch
-    that the batched decoder refuses (CMYK, unusual chroma subsampling, a damaged file).
-
-    Raises:
-        UserError: an image cannot be decoded; the message names it (``names``: one per image).
-    """
-    names = _named(names, len(data))
-    jpeg = [i for i, d in enumerate(data) if bytes(d[:2].tolist()) == JPEG_MAGIC]
-    out: list[torch.Tensor | None] = [None] * len(data)
-    if jpeg:
-        if device.type == "cuda":
-            # nvJPEG writes its output without waiting for kernels still queued on the stream (the
-            # previous step's backward may still read memory it reuses): let them finish first.
-            torch.cuda.current_stream(device).synchronize()
-        try:
-            decoded = decode_jpeg(
-                [data[i] for i in jpeg],
-                mode=ImageReadMode.RGB,
-                device=device if device.type == "cuda" else "cpu",
-            )
-        except RuntimeError:
-            decoded = [None] * len(jpeg)  # decoded on the CPU below, image by image
-        for i, image in zip(jpeg, decoded, strict=True):
-            out[i] = image
-    for i, image in enumerate(out):
-        if image is None:
-            out[i] = _decode_one(data[i], names[i])
-    filled = cast(list[torch.Tensor], out)  # every None was decoded above
-    return [image.to(device, non_blocking=True) for image in filled]
 
 
 def crop_boxes(
