@@ -19,7 +19,7 @@ EXTRAS ?= $(shell nvidia-smi >/dev/null 2>&1 && echo dev,gpu || echo dev,cpu)
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install data train evaluate study test test-all lint typecheck docs format clean
+.PHONY: help install data train evaluate study test test-all lint typecheck docs gpu-check gpu-bundle format clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -62,6 +62,18 @@ typecheck: $(VENV)/.installed ## Type-check src/ with mypy (settings in pyprojec
 
 docs: $(VENV)/.installed ## Regenerate docs/recipes.md from the recipes' headers
 	$(PYTHON) docs/build.py
+
+DEVICE ?= cuda
+GPU_SITE := .gpu/site
+gpu-check: ## The GPU check (about 8 min on a GPU; DEVICE=cpu: toy sizes): writes gpu-check/summary.md
+	PYTHONPATH=src:.:$(GPU_SITE) $(if $(wildcard $(PYTHON)),$(PYTHON),python3) -m benchmarks.gpu_check --device $(DEVICE)
+
+gpu-bundle: $(VENV)/.installed ## Copy the pure-Python packages a bare GPU machine lacks (hydra, omegaconf, antlr4) to .gpu/site
+	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE)
+	$(PYTHON) -c "import hydra, omegaconf, antlr4, os; print(*(os.path.dirname(m.__file__) for m in (hydra, omegaconf, antlr4)), sep=chr(10))" \
+	  | xargs -n1 -I{} cp -r {} $(GPU_SITE)/
+	find $(GPU_SITE) -name __pycache__ -prune -exec rm -rf {} +
+	@du -sh $(GPU_SITE)
 
 format: $(VENV)/.installed ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -106,3 +106,34 @@ def test_fast_path_decodes_and_transforms_on_the_gpu_as_on_the_cpu(cuda):
     assert (gpu.cpu() - cpu).abs().mean() < 0.02  # nvJPEG and libjpeg round a little differently
     train_batch = transform(EncodedBatch(data, train=True), cuda)
     assert train_batch.shape == (16, 3, 224, 224) and torch.isfinite(train_batch).all()
+
+
+def test_the_fast_path_s_byte_buffer_is_pinned_and_odd_jpegs_never_reach_nvjpeg(cuda, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dml.data.decoding import fallbacks
+    from dml.data.fast_path import EncodedCollate, EncodedFiles
+
+    rng = np.random.default_rng(0)
+    for i, options in enumerate([{}, {"progressive": True}, {}, {"subsampling": 0}]):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(buffer, "JPEG", **options)
+        (tmp_path / f"{i}.jpg").write_bytes(buffer.getvalue())
+    files = EncodedFiles(tmp_path, [f"{i}.jpg" for i in range(4)])
+    loader = torch.utils.data.DataLoader(
+        [(files.load(i), 0, i) for i in range(4)],
+        batch_size=4,
+        num_workers=1,
+        pin_memory=True,
+        collate_fn=EncodedCollate(train=False),
+    )
+    batch, _, _ = next(iter(loader))
+    assert batch.buffer.is_pinned() and batch.decoded_in_workers == 1
+    before = fallbacks()
+    from dml.data.decoding import decode
+
+    images = decode(batch.data, cuda, batch.names)
+    assert all(image.device.type == "cuda" for image in images) and fallbacks() == before

@@ -304,8 +304,7 @@ class RetrievalDataModule(L.LightningDataModule):
         return DataLoader(
             data,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory
-            and self._batch_transform is None,  # bytes stay where the decoder reads
+            pin_memory=self.pin_memory,  # on the fast path, the batch's byte buffer (EncodedBatch.pin_memory)
             persistent_workers=self.persistent_workers,
             **kwargs,
         )

@@ -76,6 +76,12 @@ class EncodedBatch:
         """How many of its images the loader workers decoded (those the batched decoder does not take)."""
         return sum(shape is not None for shape in self.shapes)
 
+    def pin_memory(self) -> EncodedBatch:
+        """The batch with its buffer in page-locked memory (the DataLoader's pin_memory thread calls it):
+        the decoder's host-to-device copy of the bytes then runs without staging."""
+        self.buffer = self.buffer.pin_memory()
+        return self
+
     def __len__(self) -> int:
         return len(self.lengths)
 

@@ -1,0 +1,205 @@
+"""The GPU check that fits one call: the probe, the GPU test tier, the throughput at a short but stable size,
+and a one-epoch training run with evaluation and embedding, each timed against its budget.
+
+    python -m benchmarks.gpu_check [--device cuda|cpu] [--out gpu-check]     (make gpu-check [DEVICE=cpu])
+
+Writes ``<out>/summary.md`` (ready for docs/benchmarks.md: device, versions, the exact commands, each
+step's time against its budget, the probe's tables, the throughput's report, the training's metrics)
+and one log per step beside it. Exits non-zero when a step failed or ran past twice its budget. On a
+GPU the budgets add up to 8 minutes; ``--device cpu`` runs every step at toy sizes (the slow test tier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def steps(device: str, out: Path) -> list[tuple[str, int, list[str], dict[str, str]]]:
+    """(name, budget in seconds, command, extra environment) of each step."""
+    gpu = device == "cuda"
+    data = out / "data"
+    py = [sys.executable]
+    probe = (
+        ["--images", "180"]
+        if gpu
+        else ["--images", "8", "--backbone", "resnet18", "--size", "64", "--repeats", "1"]
+    )
+    throughput = (
+        ["--batch", "180", "--steps", "30", "--modes", "bf16-cl-compile", "--workers", "16"]
+        if gpu
+        else ["--backbone", "resnet18", "--batch", "8", "--size", "64", "--steps", "2", "--warmup", "1"]
+        + ["--workers", "1", "--per-class", "2", "--modes", "fp32", "--e2e-mode", "fp32"]
+    )
+    run = out / "run"
+    train = [
+        "dataset=cub",
+        f"paths.data_dir={data}",
+        "dataset.download=false",
+        "dataset.num_train_classes=100",
+        f"hydra.run.dir={run}",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        "callbacks=no_progress",
+    ] + (
+        ["preset=imagenet_finetune", "backbone.pretrained=false", "model.warmup_epochs=0", "trainer=gpu"]
+        + ["dataset.num_workers=16"]
+        if gpu
+        else ["backbone=timm_test", "dataset.image_size=32", "dataset.resize_size=36", "dataset.batch_size=8"]
+        + ["dataset.samples_per_class=2", "dataset.num_workers=0", "trainer.accelerator=cpu"]
+    )
+    embed = [
+        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        "images=test",
+        f"out={out / 'test.safetensors'}",
+    ]
+    return [
+        (
+            "probe",
+            90,
+            [
+                *py,
+                "-m",
+                "benchmarks.gpu_probe",
+                "--device",
+                device,
+                "--json",
+                str(out / "probe.json"),
+                *probe,
+            ],
+            {},
+        ),
+        (
+            "gpu tests",
+            90,
+            [*py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+            {},
+        ),
+        (
+            "throughput",
+            210,
+            [*py, "-m", "benchmarks.throughput", "--device", device, "--data", str(data), *throughput],
+            {"TORCH_LOGS": "recompiles"},
+        ),
+        ("train one epoch", 60, [*py, "train.py", *train], {}),
+        ("embed the test split", 30, [*py, "embed.py", *embed], {}),
+    ]
+
+
+def versions() -> str:
+    import lightning
+    import torch
+    import torchvision
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else f"none (CPU, {os.cpu_count()} cores)"
+    return (
+        f"GPU {gpu}; Python {platform.python_version()}, torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, lightning {lightning.__version__}"
+    )
+
+
+def probe_tables(probe: dict) -> str:
+    stages = probe["stages"]
+    lines = [
+        f"Stages on {probe['images']} CUB-sized JPEGs (median ms; images/s):",
+        "",
+        "| stage | ms | images/s |",
+        "|---|---|---|",
+        *(
+            f"| {s} | {stages[f'{s}_ms']:.1f} | {stages[f'{s}_images_per_s']:.0f} |"
+            for s in ("decode", "augment", "step")
+        ),
+        "",
+        f"Decode + augmentation: {stages['input_share_of_step']:.0%} of the step's time.",
+        "",
+        "| odd input | batch decoder | decoded in a worker | CPU fallbacks | max diff vs CPU decode |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {k} | {v['batch_decoder']} | {v['decoded_in_worker']} | {v['cpu_fallbacks']} | {v['max_abs_diff_vs_cpu']:.0f} |"
+            for k, v in probe["odd_inputs"].items()
+        ),
+        "",
+        f"Stream hazard (torchvision issue 9606): {json.dumps(probe['stream_hazard'])}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--out", type=Path, default=ROOT / "gpu-check")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH")]))
+    rows, reports, failed = [], [], False
+    for name, budget, command, extra in steps(args.device, out):
+        log = out / f"{name.replace(' ', '_')}.log"
+        began = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                command, cwd=ROOT, env=env | extra, capture_output=True, text=True, timeout=2 * budget + 60
+            )
+            output, code = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            output, code = f"{e.stdout or ''}{e.stderr or ''}\nstopped after {e.timeout:.0f} s", -1
+        seconds = time.perf_counter() - began
+        log.write_text(output if isinstance(output, str) else output.decode(errors="replace"))
+        ok = code == 0 and seconds <= 2 * budget
+        failed |= not ok
+        status = "ok" if ok else f"failed (exit {code}; see {log.name})"
+        rows.append(f"| {name} | {budget} | {seconds:.0f} | {status} |")
+        print(f"{name:<22} {seconds:6.0f} s of {budget:4d} s  {status}", flush=True)
+        reports.append((name, command, extra, log))
+    summary = [
+        f"# GPU check ({time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        versions(),
+        "",
+        "| step | budget (s) | took (s) | status |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    if (out / "probe.json").is_file():
+        summary += ["## Probe", "", probe_tables(json.loads((out / "probe.json").read_text())), ""]
+    throughput_log = out / "throughput.log"
+    if throughput_log.is_file():
+        lines = [
+            line for line in throughput_log.read_text().splitlines() if not line.startswith(("[", "W", "I"))
+        ]
+        summary += ["## Throughput", "", "```", *lines[-16:], "```", ""]
+    metrics = out / "run" / "test_metrics.json"
+    if metrics.is_file():
+        values = json.loads(metrics.read_text())
+        summary += [
+            "## One epoch",
+            "",
+            ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "recall" in k),
+            "",
+        ]
+    summary += ["## Commands", "", "```bash"]
+    summary += [
+        " ".join([*(f"{k}={v}" for k, v in extra.items()), *map(shlex.quote, command)])
+        for _, command, extra, _ in reports
+    ]
+    summary += ["```", ""]
+    (out / "summary.md").write_text("\n".join(summary))
+    print(f"summary: {out / 'summary.md'}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

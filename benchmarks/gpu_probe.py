@@ -1,0 +1,195 @@
+"""The fast path on a GPU, taken apart: decode, augmentation and the training step timed separately,
+odd inputs through the decoders, and the stream hazard of torchvision issue 9606.
+
+    python -m benchmarks.gpu_probe [--device cuda] [--images 180] [--backbone resnet50] [--size 224]
+        [--repeats 5] [--json probe.json]
+
+(a) Stages, on ``--images`` CUB-sized JPEGs (500 x 375, natural-image statistics): the batched decode
+    (nvJPEG on a GPU), the training augmentation (random resized crops, flips, normalisation), and one
+    training step of the module (bf16 + channels_last on a GPU), each timed alone (CUDA events; the
+    median of ``--repeats``), with images/s and the decode + augmentation time as a share of the step's.
+(b) Odd inputs (CMYK, progressive, grayscale JPEGs, a PNG, a 16-bit PNG): whether the header check sends
+    them to the workers, how many the training process had to decode on the CPU after a refusal, and the
+    largest difference from a CPU decode (nvJPEG and libjpeg round a little differently).
+(c) The stream hazard: kernels queued on the compute stream read a buffer that is freed before the
+    batched decode; without the drain that dml.data.decoding.decode makes, nvJPEG may write its output
+    into that memory while the kernels still read it. Counts the trials whose kernel results changed,
+    with and without the drain (a GPU only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from benchmarks.throughput import natural_jpeg
+from dml.builders import build_module
+from dml.config import compose
+from dml.data.decoding import batch_decodable, decode, decode_one, fallbacks
+from dml.data.fast_path import Encoded, EncodedBatch, EncodedCollate
+from dml.data.preprocessing import Preprocessing
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def timed(device: torch.device, work: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of ``work`` over ``repeats`` runs after one warm-up (CUDA events on a GPU)."""
+    work()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            work()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            work()
+            times.append(1000 * (time.perf_counter() - began))
+    return statistics.median(times)
+
+
+def stages(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    data = [torch.frombuffer(bytearray(natural_jpeg(seed)), dtype=torch.uint8) for seed in range(args.images)]
+    resize = round(args.size / 0.875)
+    transform = Preprocessing(*IMAGENET, resize=resize, center_crop=(args.size, args.size)).batch_transform()
+    batch = EncodedBatch(data, train=True)
+    images = decode(batch.data, device, batch.names)
+    generator = torch.Generator().manual_seed(0)
+    module = build_module(
+        compose(
+            [
+                "experiment=proxy_anchor_cub_r50",
+                f"backbone.name={args.backbone}",
+                "backbone.pretrained=false",
+                "dataset.num_train_classes=100",
+            ]
+        )
+    ).to(device)
+    gpu = device.type == "cuda"
+    if gpu:
+        module.backbone.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    inputs = transform.augment(images, generator)
+    inputs = inputs.contiguous(memory_format=torch.channels_last) if gpu else inputs
+    labels = torch.randint(0, 100, (len(data),), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            loss = module.loss(module(inputs), labels)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    ms = {
+        "decode": timed(device, lambda: decode(batch.data, device, batch.names), args.repeats),
+        "augment": timed(device, lambda: transform.augment(images, generator), args.repeats),
+        "step": timed(device, step, args.repeats),
+    }
+    out = {f"{k}_ms": v for k, v in ms.items()}
+    out |= {f"{k}_images_per_s": len(data) / (v / 1000) for k, v in ms.items()}
+    out["input_share_of_step"] = (ms["decode"] + ms["augment"]) / ms["step"]
+    return out
+
+
+def odd(kind: str) -> bytes:
+    pixels = np.random.default_rng(len(kind)).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    image, options, fmt = Image.fromarray(pixels, "RGB"), {}, "JPEG"
+    if kind == "cmyk":
+        image = image.convert("CMYK")
+    elif kind == "progressive":
+        options = {"progressive": True}
+    elif kind == "grayscale":
+        image = image.convert("L")
+    elif kind in ("png", "png16"):
+        fmt, image = "PNG", image.convert("I;16") if kind == "png16" else image
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def odd_inputs(device: torch.device) -> dict[str, dict[str, float | bool]]:
+    out: dict[str, dict[str, float | bool]] = {}
+    for kind in ("baseline", "cmyk", "progressive", "grayscale", "png", "png16"):
+        data = torch.frombuffer(bytearray(odd(kind)), dtype=torch.uint8)
+        before = fallbacks()
+        batch, _, _ = EncodedCollate(train=False)([(Encoded(data, kind), 0, 0)])  # what a worker does
+        (image,) = decode(batch.data, device, batch.names)
+        reference = decode_one(data, kind)
+        out[kind] = {
+            "batch_decoder": batch_decodable(data),
+            "decoded_in_worker": batch.decoded_in_workers == 1,
+            "cpu_fallbacks": fallbacks() - before,
+            "max_abs_diff_vs_cpu": float((image.cpu().int() - reference.int()).abs().max()),
+        }
+    return out
+
+
+def hazard(device: torch.device, trials: int = 20) -> dict[str, int | str]:
+    if device.type != "cuda":
+        return {"status": "skipped: no CUDA device"}
+    data = [torch.frombuffer(bytearray(natural_jpeg(seed)), dtype=torch.uint8) for seed in range(32)]
+
+    def trial(drain: bool) -> bool:
+        # `source` has a decoded image's size, so the allocator hands its block to the decoder's output
+        source = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, device=device)
+        expected = source.float() * 2
+        busy = torch.rand(2**22, device=device)
+        for _ in range(200):  # a queue of work that delays what comes after it
+            busy = busy * 0.999 + 0.001
+        result = source.float() * 2  # queued: reads `source` only once `busy` is done
+        del source  # its block is free for the next allocation while that read is still to come
+        if drain:
+            decode(data, device)  # dml's decode: drains the stream before nvJPEG writes
+        else:
+            decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        torch.cuda.synchronize()
+        return not torch.equal(result, expected)
+
+    return {
+        f"corrupted_{name}": sum(trial(d) for _ in range(trials))
+        for name, d in (("with_drain", True), ("without_drain", False))
+    } | {"trials": trials}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=180)
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "images": args.images,
+        "stages": stages(args, device),
+        "odd_inputs": odd_inputs(device),
+        "stream_hazard": hazard(device),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
