@@ -177,10 +177,19 @@ def main() -> None:
         summary += ["## Probe", "", probe_tables(json.loads((out / "probe.json").read_text())), ""]
     throughput_log = out / "throughput.log"
     if throughput_log.is_file():
-        lines = [
-            line for line in throughput_log.read_text().splitlines() if not line.startswith(("[", "W", "I"))
+        text = throughput_log.read_text().splitlines()
+        report = [line for line in text if line.startswith(("device ", "(a)", "(b)", "(c)", "    "))]
+        recompiles = sum("Recompiling function" in line for line in text)
+        summary += [
+            "## Throughput",
+            "",
+            "```",
+            *report,
+            "```",
+            "",
+            f"torch.compile recompilations: {recompiles}",
+            "",
         ]
-        summary += ["## Throughput", "", "```", *lines[-16:], "```", ""]
     metrics = out / "run" / "test_metrics.json"
     if metrics.is_file():
         values = json.loads(metrics.read_text())
