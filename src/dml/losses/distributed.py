@@ -12,6 +12,7 @@ after each backward it would count the micro-batches accumulated before it N tim
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,3 +45,19 @@ def rescale_local_gradients(parameters: Iterable[torch.nn.Parameter], factor: in
     for p in parameters:
         if p.grad is not None:
             p.grad.mul_(factor)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj``, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` outside DDP. Every rank must call it."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

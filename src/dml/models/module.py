@@ -8,7 +8,6 @@ from typing import Any, cast
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dml.errors import UserError
@@ -16,7 +15,13 @@ from dml.evaluation.backends import KNN_BACKENDS, faiss_available
 from dml.evaluation.protocol import EvaluationProtocol
 from dml.log import get_logger
 from dml.losses import CompositeLoss
-from dml.losses.distributed import gather_batch, rescale_local_gradients, world_size
+from dml.losses.distributed import (
+    broadcast_object,
+    gather_batch,
+    gather_objects,
+    rescale_local_gradients,
+    world_size,
+)
 from dml.models import random_state
 
 log = get_logger(__name__)
@@ -132,6 +137,7 @@ class DMLModule(L.LightningModule):
         self.run_config = dict(run_config) if run_config is not None else None
         self._protocols: dict[str, EvaluationProtocol] = {}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._step_losses: list[dict[str, torch.Tensor]] = []
         self.test_results: dict[str, float] = {}
 
     # --- forward ----------------------------------------------------------------------------------------
@@ -175,8 +181,8 @@ class DMLModule(L.LightningModule):
         # Under DDP the loss sees the global batch (see dml.losses.distributed).
         embeddings, labels = gather_batch(embeddings, labels)
         out = self.loss(embeddings, labels)
-        if not torch.isfinite(out["loss"]):
-            self._stop_on_non_finite(out)
+        # checked before the optimizer step, not here: a check here would hold the backward's launch
+        self._step_losses.append({name: value.detach() for name, value in out.items()})
         batch_size = labels.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
         for name in self.loss.terms:
@@ -193,7 +199,15 @@ class DMLModule(L.LightningModule):
             "full precision (trainer.precision=32-true)."
         )
 
+    def _check_finite(self) -> None:
+        """Stop on a non-finite loss among the micro-batches of this optimizer step, before any weight
+        changes (one host synchronisation a step, after the backward passes were queued)."""
+        outs, self._step_losses = self._step_losses, []
+        if outs and not bool(torch.stack([o["loss"] for o in outs]).isfinite().all()):
+            self._stop_on_non_finite(next(o for o in outs if not torch.isfinite(o["loss"])))
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._check_finite()
         # Once per optimizer step, after the last accumulated micro-batch and before gradient clipping:
         # DDP averaged the gradients, and backbone and head saw only their rank's chunk of each global
         # batch's loss (dml.losses.distributed). Rescaling after every backward instead would multiply
@@ -253,7 +267,7 @@ class DMLModule(L.LightningModule):
             options = self._metric_options()
             metrics = protocol.score(stage, embeddings, labels, index, self.collapse, **options)
         if self.trainer.world_size > 1:
-            metrics = _broadcast_object(metrics)
+            metrics = broadcast_object(metrics)
         # Identical on every rank; syncing only quiets Lightning.
         self.log_dict(metrics, sync_dist=self.trainer.world_size > 1)
         # Kept for callbacks that draw the embedding space (dml.callbacks.EmbeddingPictures).
@@ -347,7 +361,7 @@ class DMLModule(L.LightningModule):
         # Random state, so that a resumed run draws what an uninterrupted one would (augmentations,
         # random miners). The batch sampler needs none: its draw depends on (seed, epoch) only. Every
         # rank builds the checkpoint dict but only rank 0 writes it: gather each rank's own state.
-        checkpoint["dml_rng"] = _gather_objects(random_state.capture(self.loss))
+        checkpoint["dml_rng"] = gather_objects(random_state.capture(self.loss))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("dml_rng")
@@ -367,22 +381,6 @@ class DMLModule(L.LightningModule):
                 rank % len(states),
             )
         random_state.restore(states[rank % len(states)], self.loss)
-
-
-def _broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj``, on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` outside DDP. Every rank must call it."""
-    if world_size() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def _first_occurrence(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
