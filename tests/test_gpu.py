@@ -137,3 +137,12 @@ def test_the_fast_path_s_byte_buffer_is_pinned_and_odd_jpegs_never_reach_nvjpeg(
 
     images = decode(batch.data, cuda, batch.names)
     assert all(image.device.type == "cuda" for image in images) and fallbacks() == before
+
+
+def test_the_decoder_never_writes_into_memory_queued_kernels_still_read(cuda):
+    """torchvision issue 9606: nvJPEG's output may land in a block freed while queued kernels still read
+    it. dml's decode must leave every trial's kernel results intact (the probe's harness)."""
+    from benchmarks.gpu_probe import hazard
+
+    found = hazard(torch.device("cuda", torch.cuda.current_device()), trials=10)
+    assert found["corrupted_with_drain"] == 0, found
