@@ -6,10 +6,11 @@ VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 DATA   ?=
 ARGS   ?=
-# Hydra overrides typed as make variables (make train DATA=cub trainer=gpu): every command-line variable
-# that is not one of the Makefile's own goes to the script, after ARGS.
-OWN       := DATA PRESET ARGS CKPT EXTRAS VENV DEVICE
-OVERRIDES := $(filter-out $(addsuffix =%,$(OWN)),$(MAKEOVERRIDES))
+# Hydra overrides typed as make variables (make train DATA=cub trainer=gpu): the command line's variables
+# whose names start in lower case (the Makefile's own and the environment's are upper case) go to the
+# script after ARGS, from the make a user typed only (not a nested one). A value with $ or quotes: use ARGS.
+UPPER     := A B C D E F G H I J K L M N O P Q R S T U V W X Y Z _
+OVERRIDES := $(if $(filter 0,$(MAKELEVEL)),$(filter-out $(addsuffix %,$(UPPER)),$(MAKEOVERRIDES)))
 # The training setup a benchmark gets from make train (conf/preset/); PRESET= for none.
 PRESET ?= $(if $(filter cub cars sop inshop omniglot,$(DATA)),imagenet_finetune)
 CKPT   ?=
@@ -71,7 +72,7 @@ gpu-check: ## The GPU check (about 8 min on a GPU; DEVICE=cpu: toy sizes): write
 gpu-bundle: $(VENV)/.installed ## Copy the pure-Python packages a bare GPU machine lacks (hydra, omegaconf, antlr4) to .gpu/site
 	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE)
 	$(PYTHON) -c "import hydra, omegaconf, antlr4, os; print(*(os.path.dirname(m.__file__) for m in (hydra, omegaconf, antlr4)), sep=chr(10))" \
-	  | xargs -n1 -I{} cp -r {} $(GPU_SITE)/
+	  | xargs -I{} cp -r {} $(GPU_SITE)/
 	find $(GPU_SITE) -name __pycache__ -prune -exec rm -rf {} +
 	@du -sh $(GPU_SITE)
 

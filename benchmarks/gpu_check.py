@@ -5,8 +5,10 @@ and a one-epoch training run with evaluation and embedding, each timed against i
 
 Writes ``<out>/summary.md`` (ready for docs/benchmarks.md: device, versions, the exact commands, each
 step's time against its budget, the probe's tables, the throughput's report, the training's metrics)
-and one log per step beside it. Exits non-zero when a step failed or ran past twice its budget. On a
-GPU the budgets add up to 8 minutes; ``--device cpu`` runs every step at toy sizes (the slow test tier).
+and one log per step beside it, rewriting the summary after every step. Exits non-zero when a step
+failed or ran past twice its budget. On a GPU the budgets add up to 8 minutes, and ``--deadline`` (540 s)
+cuts a step short and skips the rest past it; ``--device cpu`` runs every step at toy sizes (the slow
+test tier).
 """
 
 from __future__ import annotations
@@ -62,10 +64,14 @@ def steps(device: str, out: Path) -> list[tuple[str, int, list[str], dict[str, s
         "images=test",
         f"out={out / 'test.safetensors'}",
     ]
+    per_class = "30" if gpu else "2"
+    prepare = "import sys; from pathlib import Path; from benchmarks.throughput import make_cub_layout; "
+    prepare += "make_cub_layout(Path(sys.argv[1]) / 'cub', int(sys.argv[2]))"
     return [
+        ("data", 30, [*py, "-c", prepare, str(data), per_class], {}),
         (
             "probe",
-            90,
+            60,
             [
                 *py,
                 "-m",
@@ -80,7 +86,7 @@ def steps(device: str, out: Path) -> list[tuple[str, int, list[str], dict[str, s
         ),
         (
             "gpu tests",
-            90,
+            60,
             [*py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"],
             {},
         ),
@@ -90,7 +96,7 @@ def steps(device: str, out: Path) -> list[tuple[str, int, list[str], dict[str, s
             [*py, "-m", "benchmarks.throughput", "--device", device, "--data", str(data), *throughput],
             {"TORCH_LOGS": "recompiles"},
         ),
-        ("train one epoch", 60, [*py, "train.py", *train], {}),
+        ("train one epoch", 90, [*py, "train.py", *train], {}),
         ("embed the test split", 30, [*py, "embed.py", *embed], {}),
     ]
 
@@ -121,10 +127,10 @@ def probe_tables(probe: dict) -> str:
         "",
         f"Decode + augmentation: {stages['input_share_of_step']:.0%} of the step's time.",
         "",
-        "| odd input | batch decoder | decoded in a worker | CPU fallbacks | max diff vs CPU decode |",
+        "| odd input | batch decoder | decoded in a worker | CPU fallbacks | max diff vs PIL |",
         "|---|---|---|---|---|",
         *(
-            f"| {k} | {v['batch_decoder']} | {v['decoded_in_worker']} | {v['cpu_fallbacks']} | {v['max_abs_diff_vs_cpu']:.0f} |"
+            f"| {k} | {v['batch_decoder']} | {v['decoded_in_worker']} | {v['cpu_fallbacks']} | {v['max_abs_diff_vs_pil']:.0f} |"
             for k, v in probe["odd_inputs"].items()
         ),
         "",
@@ -133,36 +139,9 @@ def probe_tables(probe: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--out", type=Path, default=ROOT / "gpu-check")
-    args = parser.parse_args()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH")]))
-    rows, reports, failed = [], [], False
-    for name, budget, command, extra in steps(args.device, out):
-        log = out / f"{name.replace(' ', '_')}.log"
-        began = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                command, cwd=ROOT, env=env | extra, capture_output=True, text=True, timeout=2 * budget + 60
-            )
-            output, code = proc.stdout + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            output, code = f"{e.stdout or ''}{e.stderr or ''}\nstopped after {e.timeout:.0f} s", -1
-        seconds = time.perf_counter() - began
-        log.write_text(output if isinstance(output, str) else output.decode(errors="replace"))
-        ok = code == 0 and seconds <= 2 * budget
-        failed |= not ok
-        status = "ok" if ok else f"failed (exit {code}; see {log.name})"
-        rows.append(f"| {name} | {budget} | {seconds:.0f} | {status} |")
-        print(f"{name:<22} {seconds:6.0f} s of {budget:4d} s  {status}", flush=True)
-        reports.append((name, command, extra, log))
+def write_summary(out: Path, rows: list[str], reports: list) -> None:
+    """``<out>/summary.md`` as far as the check got: rewritten after every step, so that a call cut off
+    still brings back what ran."""
     summary = [
         f"# GPU check ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
@@ -206,6 +185,59 @@ def main() -> None:
     ]
     summary += ["```", ""]
     (out / "summary.md").write_text("\n".join(summary))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--out", type=Path, default=ROOT / "gpu-check")
+    parser.add_argument(
+        "--deadline", type=float, default=540, help="seconds for the whole check: later steps are skipped"
+    )
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH")]))
+    rows: list[str] = []
+    reports: list = []
+    failed, started = False, time.perf_counter()
+    for name, budget, command, extra in steps(args.device, out):
+        log = out / f"{name.replace(' ', '_')}.log"
+        left = args.deadline - (time.perf_counter() - started)
+        if left < 10:
+            rows.append(
+                f"| {name} | {budget} | - | skipped: the deadline ({args.deadline:.0f} s) was reached |"
+            )
+            failed = True
+            write_summary(out, rows, reports)
+            continue
+        began = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                command,
+                cwd=ROOT,
+                env=env | extra,
+                capture_output=True,
+                text=True,
+                timeout=min(2 * budget, left),
+            )
+            output, code = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            partial = (e.stdout or b"") + (e.stderr or b"")
+            text = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+            output, code = f"{text}\nstopped after {e.timeout:.0f} s", -1
+        seconds = time.perf_counter() - began
+        log.write_text(output)
+        ok = code == 0 and seconds <= 2 * budget
+        failed |= not ok
+        status = "ok" if ok else f"failed (exit {code}; see {log.name})"
+        rows.append(f"| {name} | {budget} | {seconds:.0f} | {status} |")
+        print(f"{name:<22} {seconds:6.0f} s of {budget:4d} s  {status}", flush=True)
+        reports.append((name, command, extra, log))
+        write_summary(out, rows, reports)
     print(f"summary: {out / 'summary.md'}")
     sys.exit(1 if failed else 0)
 

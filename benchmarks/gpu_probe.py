@@ -10,7 +10,7 @@ odd inputs through the decoders, and the stream hazard of torchvision issue 9606
     median of ``--repeats``), with images/s and the decode + augmentation time as a share of the step's.
 (b) Odd inputs (CMYK, progressive, grayscale JPEGs, a PNG, a 16-bit PNG): whether the header check sends
     them to the workers, how many the training process had to decode on the CPU after a refusal, and the
-    largest difference from a CPU decode (nvJPEG and libjpeg round a little differently).
+    largest difference from PIL's decode (nvJPEG and libjpeg round a little differently).
 (c) The stream hazard: kernels queued on the compute stream read a buffer that is freed before the
     batched decode; without the drain that dml.data.decoding.decode makes, nvJPEG may write its output
     into that memory while the kernels still read it. Counts the trials whose kernel results changed,
@@ -35,8 +35,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from benchmarks.throughput import natural_jpeg
 from dml.builders import build_module
 from dml.config import compose
-from dml.data.decoding import batch_decodable, decode, decode_one, fallbacks
+from dml.data.decoding import batch_decodable, decode, fallbacks
 from dml.data.fast_path import Encoded, EncodedBatch, EncodedCollate
+from dml.data.images import open_image
 from dml.data.preprocessing import Preprocessing
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -127,12 +128,14 @@ def odd_inputs(device: torch.device) -> dict[str, dict[str, float | bool]]:
         before = fallbacks()
         batch, _, _ = EncodedCollate(train=False)([(Encoded(data, kind), 0, 0)])  # what a worker does
         (image,) = decode(batch.data, device, batch.names)
-        reference = decode_one(data, kind)
+        reference = torch.from_numpy(np.asarray(open_image(io.BytesIO(odd(kind)), "RGB")).copy()).permute(
+            2, 0, 1
+        )
         out[kind] = {
             "batch_decoder": batch_decodable(data),
             "decoded_in_worker": batch.decoded_in_workers == 1,
             "cpu_fallbacks": fallbacks() - before,
-            "max_abs_diff_vs_cpu": float((image.cpu().int() - reference.int()).abs().max()),
+            "max_abs_diff_vs_pil": float((image.cpu().int() - reference.int()).abs().max()),
         }
     return out
 
@@ -142,26 +145,30 @@ def hazard(device: torch.device, trials: int = 20) -> dict[str, int | str]:
         return {"status": "skipped: no CUDA device"}
     data = [torch.frombuffer(bytearray(natural_jpeg(seed)), dtype=torch.uint8) for seed in range(32)]
 
-    def trial(drain: bool) -> bool:
-        # `source` has a decoded image's size, so the allocator hands its block to the decoder's output
+    def trial(drain: bool) -> tuple[bool, bool]:
+        """(the queued kernel's result changed, the decoder was given the freed block)."""
+        # `source` has a decoded image's size, so the allocator can hand its block to the decoder's output
         source = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, device=device)
         expected = source.float() * 2
-        busy = torch.rand(2**22, device=device)
-        for _ in range(200):  # a queue of work that delays what comes after it
-            busy = busy * 0.999 + 0.001
-        result = source.float() * 2  # queued: reads `source` only once `busy` is done
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of queued work before the read below
+        result = source.float() * 2  # queued: reads `source` only once the sleep is done
+        freed = source.data_ptr()
         del source  # its block is free for the next allocation while that read is still to come
         if drain:
-            decode(data, device)  # dml's decode: drains the stream before nvJPEG writes
+            images = decode(data, device)  # dml's decode: drains the stream before nvJPEG writes
         else:
-            decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        reused = any(image.data_ptr() <= freed < image.data_ptr() + image.numel() for image in images)
         torch.cuda.synchronize()
-        return not torch.equal(result, expected)
+        return not torch.equal(result, expected), reused
 
-    return {
-        f"corrupted_{name}": sum(trial(d) for _ in range(trials))
-        for name, d in (("with_drain", True), ("without_drain", False))
-    } | {"trials": trials}
+    out: dict[str, int | str] = {"trials": trials}
+    for name, drain in (("with_drain", True), ("without_drain", False)):
+        results = [trial(drain) for _ in range(trials)]
+        out[f"corrupted_{name}"] = sum(c for c, _ in results)
+        out[f"block_reused_{name}"] = sum(r for _, r in results)
+    return out
 
 
 def main() -> None:

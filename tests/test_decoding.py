@@ -107,3 +107,14 @@ def test_a_jpeg_the_batched_decoder_refuses_is_retried_alone_then_decoded_on_the
     for images in (first, again):
         for image, d in zip(images, data, strict=True):
             assert torch.equal(image, decode_one(d, "x"))
+
+
+def test_a_batch_of_bytes_and_pixels_keeps_each_as_it_was():
+    from dml.data.fast_path import EncodedBatch
+
+    pixels = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8).permute(0, 2, 1)  # not contiguous
+    data = encode()
+    batch = EncodedBatch([data, pixels], train=False)
+    assert batch.decoded_in_workers == 1
+    back = batch.data
+    assert torch.equal(back[0], data) and torch.equal(back[1], pixels)

@@ -145,4 +145,6 @@ def test_the_decoder_never_writes_into_memory_queued_kernels_still_read(cuda):
     from benchmarks.gpu_probe import hazard
 
     found = hazard(torch.device("cuda", torch.cuda.current_device()), trials=10)
+    if not found["block_reused_with_drain"]:
+        pytest.skip(f"the allocator never gave the decoder the freed block: nothing was provoked ({found})")
     assert found["corrupted_with_drain"] == 0, found

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from dml.data.decoding import fallbacks
 from dml.data.fast_path import PIPELINES, BatchTransform, EncodedBatch, EncodedCollate
 from dml.data.preprocessing import Preprocessing
 from dml.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
@@ -308,6 +309,14 @@ class RetrievalDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
             **kwargs,
         )
+
+    def teardown(self, stage: str) -> None:
+        if self._batch_transform is not None and fallbacks():
+            log.info(
+                "%d JPEG(s) that the batched decoder refused were decoded on the CPU in this process (%s)",
+                fallbacks(),
+                stage,
+            )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Fast path: decode and augment the batch's encoded images on the device its labels went to,

@@ -50,7 +50,7 @@ def batch_decodable(data: torch.Tensor) -> bool:
     raw = memoryview(cast(Any, data.numpy())) if len(data) else memoryview(b"")  # no copy
     if len(raw) < 4 or raw[0] != 0xFF or raw[1] != 0xD8:
         return False
-    i, adobe_transform = 2, None
+    i, adobe_transform, jfif = 2, None, False
     while i + 4 <= len(raw):
         if raw[i] != 0xFF:
             return False
@@ -65,6 +65,7 @@ def batch_decodable(data: torch.Tensor) -> bool:
         segment = raw[i + 4 : i + 2 + length]
         if marker == 0xEE and bytes(segment[:5]) == b"Adobe" and len(segment) >= 12:
             adobe_transform = segment[11]  # 0: RGB or CMYK samples, not YCbCr
+        jfif |= marker == 0xE0 and bytes(segment[:4]) == b"JFIF"
         if marker in BATCH_FRAMES:
             if len(segment) < 6:
                 return False
@@ -74,7 +75,11 @@ def batch_decodable(data: torch.Tensor) -> bool:
             if components == 1:
                 return True
             factors = [(segment[7 + 3 * c] >> 4, segment[7 + 3 * c] & 15) for c in range(3)]
-            return adobe_transform != 0 and factors[0] in LUMA_SAMPLING and factors[1] == factors[2] == (1, 1)
+            ids = bytes(segment[6 + 3 * c] for c in range(3))
+            rgb = adobe_transform == 0 or (
+                not jfif and adobe_transform is None and ids == b"RGB"
+            )  # as libjpeg
+            return not rgb and factors[0] in LUMA_SAMPLING and factors[1] == factors[2] == (1, 1)
         if marker in OTHER_FRAMES or marker == 0xDA:  # another frame, or a scan before any frame
             return False
         i += 2 + length

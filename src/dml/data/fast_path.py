@@ -61,7 +61,10 @@ class EncodedBatch:
         flat = [d.reshape(-1) for d in data]
         self.buffer = torch.cat(flat) if len(flat) else torch.empty(0, dtype=torch.uint8)
         self.lengths = [len(d) for d in flat]
-        self.shapes = list(shapes) if shapes is not None else [None] * len(flat)
+        # decoded pixels are (3, H, W); encoded bytes 1-D
+        self.shapes = (
+            list(shapes) if shapes is not None else [tuple(d.shape) if d.ndim == 3 else None for d in data]
+        )
         self.names = _named(names, len(data))
         self.train = train
 

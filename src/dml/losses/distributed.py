@@ -12,6 +12,7 @@ after each backward it would count the micro-batches accumulated before it N tim
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -47,10 +48,16 @@ def rescale_local_gradients(parameters: Iterable[torch.nn.Parameter], factor: in
             p.grad.mul_(factor)
 
 
+_PATIENT: dict[str, Any] = {}  # the process group of waits that may be long, made once
+
+
 def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj``, on every rank."""
+    """Rank 0's ``obj``, on every rank. The others may wait long (rank 0 scoring a large split): the wait
+    goes through a gloo group of its own with a day's timeout, not the training backend's watchdog."""
+    if "group" not in _PATIENT:
+        _PATIENT["group"] = dist.new_group(backend="gloo", timeout=timedelta(days=1))
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_PATIENT["group"])
     return box[0]
 
 

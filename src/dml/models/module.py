@@ -137,7 +137,7 @@ class DMLModule(L.LightningModule):
         self.run_config = dict(run_config) if run_config is not None else None
         self._protocols: dict[str, EvaluationProtocol] = {}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._step_losses: list[dict[str, torch.Tensor]] = []
+        self._step_losses: list[dict[str, torch.Tensor]] = []  # this optimizer step's, see _check_finite
         self.test_results: dict[str, float] = {}
 
     # --- forward ----------------------------------------------------------------------------------------
@@ -263,11 +263,19 @@ class DMLModule(L.LightningModule):
         # Scored once, on rank 0 (k-means, kNN and the collapse measures would be the same on every rank),
         # and shared.
         metrics: dict[str, float] = {}
+        failure: tuple[bool, str] | None = None
         if self.global_rank == 0:
             options = self._metric_options()
-            metrics = protocol.score(stage, embeddings, labels, index, self.collapse, **options)
+            try:
+                metrics = protocol.score(stage, embeddings, labels, index, self.collapse, **options)
+            except Exception as e:  # shared below: the other ranks must not wait for metrics that never come
+                if self.trainer.world_size == 1:
+                    raise
+                failure = (isinstance(e, UserError), f"scoring the {stage} split failed on rank 0: {e}")
         if self.trainer.world_size > 1:
-            metrics = broadcast_object(metrics)
+            metrics, failure = broadcast_object((metrics, failure))
+        if failure:
+            raise (UserError if failure[0] else RuntimeError)(failure[1])
         # Identical on every rank; syncing only quiets Lightning.
         self.log_dict(metrics, sync_dist=self.trainer.world_size > 1)
         # Kept for callbacks that draw the embedding space (dml.callbacks.EmbeddingPictures).
