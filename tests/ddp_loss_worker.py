@@ -1,6 +1,6 @@
 """Run by tests/test_ddp.py in its own interpreter, on 2 gloo ranks: the class-balanced sampler gives
 the ranks disjoint classes that make up the single-process batch, and every loss of conf/loss on 2 ranks x
-B/2 matches one process x B. Exits non-zero, naming what differs (loss or gradients beyond 1e-5)."""
+B/2 matches one process x B, with a class split between the ranks. Exits non-zero, naming what differs (loss or gradients beyond 1e-5)."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ class Model(torch.nn.Module):
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    # 6 classes x 4 items, ordered so that each rank holds 3 whole classes (the sampler's layout).
-    return torch.randn(B, D, generator=g), torch.arange(6).repeat_interleave(4)
+    # 3 classes x 8 items in the sampler's layout, class by class: each rank holds 12 items, so the middle
+    # class straddles the two ranks (the sampler splits by items when the world size does not divide P).
+    return torch.randn(B, D, generator=g), torch.arange(3).repeat_interleave(8)
 
 
 def grads(model: Model) -> dict[str, torch.Tensor]:
