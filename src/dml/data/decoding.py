@@ -86,6 +86,11 @@ def batch_decodable(data: torch.Tensor) -> bool:
     return False
 
 
+def named(names: Sequence[str] | None, count: int) -> list[str]:
+    """``names`` as a list, or the images' places in their batch where they have none."""
+    return list(names) if names is not None else [f"image {i} of the batch" for i in range(count)]
+
+
 def decode_one(data: torch.Tensor, name: str) -> torch.Tensor:
     """One image as a (3, H, W) uint8 RGB tensor on the CPU: torchvision's decoders (JPEG, PNG, WebP,
     GIF), else PIL's (BMP, TIFF, ...).
@@ -132,7 +137,7 @@ def decode(
     Raises:
         UserError: an image cannot be decoded; the message names it (``names``: one per image).
     """
-    names = list(names) if names is not None else [f"image {i} of the batch" for i in range(len(data))]
+    names = named(names, len(data))
     out: list[torch.Tensor | None] = [d if d.ndim == 3 else None for d in data]
     batch = [i for i, d in enumerate(data) if d.ndim == 1 and batch_decodable(d)]
     target = device if device.type == "cuda" else torch.device("cpu")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-from dml.data.decoding import batch_decodable, decode, decode_one
+from dml.data.decoding import batch_decodable, decode, decode_one, named
 from dml.data.images import unreadable_message
 from dml.data.preprocessing import Preprocessing
 from dml.errors import UserError
@@ -35,11 +35,6 @@ class Encoded(NamedTuple):
 
     data: torch.Tensor
     name: str
-
-
-def _named(names: Sequence[str] | None, count: int) -> list[str]:
-    """``names`` as a list, or the images' places in their batch where they have none."""
-    return list(names) if names is not None else [f"image {i} of the batch" for i in range(count)]
 
 
 class EncodedBatch:
@@ -65,7 +60,7 @@ class EncodedBatch:
         self.shapes = (
             list(shapes) if shapes is not None else [tuple(d.shape) if d.ndim == 3 else None for d in data]
         )
-        self.names = _named(names, len(data))
+        self.names = named(names, len(data))
         self.train = train
 
     @property
