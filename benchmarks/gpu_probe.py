@@ -11,10 +11,11 @@ odd inputs through the decoders, and the stream hazard of torchvision issue 9606
 (b) Odd inputs (CMYK, progressive, grayscale JPEGs, a PNG, a 16-bit PNG): whether the header check sends
     them to the workers, how many the training process had to decode on the CPU after a refusal, and the
     largest difference from PIL's decode (nvJPEG and libjpeg round a little differently).
-(c) The stream hazard: kernels queued on the compute stream read a buffer that is freed before the
-    batched decode; without the drain that dml.data.decoding.decode makes, nvJPEG may write its output
-    into that memory while the kernels still read it. Counts the trials whose kernel results changed,
-    with and without the drain (a GPU only).
+(c) The stream hazard: kernels queued on a stream read a buffer that is freed before the batched
+    decode; nvJPEG may write its output into that memory while the kernels still read it. Counts the
+    trials whose kernel results changed, in four modes (HAZARD_MODES): the caller's stream drained
+    first, nothing waited for, and dml's decode on its input stream with the reads queued on the
+    caller's stream or on the input stream itself (a GPU only).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from benchmarks.throughput import natural_jpeg
 from dml.builders import build_module
 from dml.config import compose
-from dml.data.decoding import batch_decodable, decode, fallbacks
+from dml.data.decoding import batch_decodable, decode, fallbacks, input_stream
 from dml.data.fast_path import Encoded, EncodedBatch, EncodedCollate
 from dml.data.images import open_image
 from dml.data.preprocessing import Preprocessing
@@ -140,34 +141,48 @@ def odd_inputs(device: torch.device) -> dict[str, dict[str, float | bool]]:
     return out
 
 
+HAZARD_MODES = {
+    "drain": "the caller's stream drained, then nvJPEG on it (dml before the input stream)",
+    "none": "nvJPEG on the caller's stream, nothing waited for (the hazard itself)",
+    "input_stream": "dml's decode: nvJPEG on the input stream, the caller's stream not waited for",
+    "input_stream_own": "dml's decode, with the queued reads on the input stream itself",
+}
+
+
 def hazard(device: torch.device, trials: int = 20) -> dict[str, int | str]:
+    """Per mode of :data:`HAZARD_MODES`: how many trials' queued kernel results changed (corrupted) and
+    how many handed the decoder the freed block (block_reused: the hazard was provoked)."""
     if device.type != "cuda":
         return {"status": "skipped: no CUDA device"}
     data = [torch.frombuffer(bytearray(natural_jpeg(seed)), dtype=torch.uint8) for seed in range(32)]
 
-    def trial(drain: bool) -> tuple[bool, bool]:
+    def trial(mode: str) -> tuple[bool, bool]:
         """(the queued kernel's result changed, the decoder was given the freed block)."""
-        # `source` has a decoded image's size, so the allocator can hand its block to the decoder's output
-        source = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, device=device)
-        expected = source.float() * 2
-        torch.cuda.synchronize()
-        torch.cuda._sleep(200_000_000)  # about 0.1 s of queued work before the read below
-        result = source.float() * 2  # queued: reads `source` only once the sleep is done
-        freed = source.data_ptr()
-        del source  # its block is free for the next allocation while that read is still to come
-        if drain:
-            images = decode(data, device)  # dml's decode: drains the stream before nvJPEG writes
-        else:
+        queue = input_stream(device) if mode == "input_stream_own" else torch.cuda.current_stream(device)
+        with torch.cuda.stream(queue):
+            # `source` has a decoded image's size, so the allocator can hand its block to the decoder
+            source = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, device=device)
+            expected = source.float() * 2
+            torch.cuda.synchronize()
+            torch.cuda._sleep(200_000_000)  # about 0.1 s of queued work before the read below
+            result = source.float() * 2  # queued: reads `source` only once the sleep is done
+            freed = source.data_ptr()
+            del source  # its block is free for the next allocation on this stream, the read still to come
+        if mode == "drain":
+            torch.cuda.current_stream(device).synchronize()
+        if mode in ("drain", "none"):
             images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        else:
+            images = decode(data, device)
         reused = any(image.data_ptr() <= freed < image.data_ptr() + image.numel() for image in images)
         torch.cuda.synchronize()
         return not torch.equal(result, expected), reused
 
     out: dict[str, int | str] = {"trials": trials}
-    for name, drain in (("with_drain", True), ("without_drain", False)):
-        results = [trial(drain) for _ in range(trials)]
-        out[f"corrupted_{name}"] = sum(c for c, _ in results)
-        out[f"block_reused_{name}"] = sum(r for _, r in results)
+    for mode in HAZARD_MODES:
+        results = [trial(mode) for _ in range(trials)]
+        out[f"corrupted_{mode}"] = sum(c for c, _ in results)
+        out[f"block_reused_{mode}"] = sum(r for _, r in results)
     return out
 
 

@@ -7,6 +7,14 @@ PNG, WebP, BMP, 16-bit images) is found by :func:`batch_decodable` from its head
 decoded there (:func:`decode_one`): the training process only decodes what the GPU takes. A JPEG that
 the batched decoder still refuses is retried alone and, refused again, decoded on the CPU; that is
 logged once per process and counted (:func:`fallbacks`).
+
+On a GPU the decoder runs on a private stream of its own (:func:`input_stream`), so that decoding the
+next batch overlaps the step still running on the compute stream. That also keeps nvJPEG out of the
+compute stream's memory: its hardware engine writes its output without waiting for the work queued
+before it (torchvision issue 9606), and the caching allocator hands a stream only blocks freed on that
+same stream. Before each batched decode the private stream alone is waited for (the previous batch's
+transform, queued long before), never the compute stream; the results reach the caller's stream by a
+stream wait, and ``record_stream`` keeps their blocks from the decoder until the caller is done.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ OTHER_FRAMES = {
 }  # progressive, lossless, ...
 LUMA_SAMPLING = {(1, 1), (2, 1), (1, 2), (2, 2)}  # 4:4:4, 4:2:2 (both ways), 4:2:0; chroma at (1, 1)
 _fallbacks = {"count": 0}
+_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def batch_decodable(data: torch.Tensor) -> bool:
@@ -125,26 +134,65 @@ def _fell_back(name: str, error: Exception) -> None:
         )
 
 
-def decode(
-    data: Sequence[torch.Tensor], device: torch.device, names: Sequence[str] | None = None
+def input_stream(device: torch.device | str) -> torch.cuda.Stream:
+    """The private stream that the fast path decodes and transforms on, one per CUDA device."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
+
+
+def handed_over(
+    tensors: list[torch.Tensor], stream: torch.cuda.Stream, caller: torch.cuda.Stream
 ) -> list[torch.Tensor]:
-    """(3, H, W) uint8 RGB images on ``device``. ``data``: per image its encoded bytes (1-D) or its pixels
-    already decoded in a loader worker ((3, H, W)). The bytes :func:`batch_decodable` accepts are decoded
-    together (on the GPU with a CUDA device); a batch the decoder refuses is retried image by image, and an
-    image refused alone is decoded on the CPU (logged once, counted); other bytes are decoded one by one
-    on the CPU.
+    """``tensors`` made on ``stream`` made safe to use on ``caller``: the caller waits for the work queued
+    on ``stream`` so far, and their blocks are not reused until the caller's work queued so far is done."""
+    if caller != stream:
+        caller.wait_stream(stream)
+        for tensor in tensors:
+            tensor.record_stream(caller)
+    return tensors
+
+
+def decode(
+    data: Sequence[torch.Tensor],
+    device: torch.device | str,
+    names: Sequence[str] | None = None,
+    checked: bool = False,
+) -> list[torch.Tensor]:
+    """(3, H, W) uint8 RGB images on ``device``, ready on the caller's current stream. ``data``: per image
+    its encoded bytes (1-D) or its pixels already decoded in a loader worker ((3, H, W)). The bytes
+    :func:`batch_decodable` accepts (all of them when ``checked``: an :class:`EncodedCollate` batch's, sorted
+    in the workers) are decoded together (on the GPU with a CUDA device, on :func:`input_stream`); a
+    batch the decoder refuses is retried image by image, and an image refused alone is decoded on the CPU
+    (logged once, counted); other bytes are decoded one by one on the CPU.
 
     Raises:
         UserError: an image cannot be decoded; the message names it (``names``: one per image).
     """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _decode(data, device, names, checked)
+    stream, caller = input_stream(device), torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        images = _decode(data, device, names, checked)
+    return handed_over(images, stream, caller)
+
+
+def _decode(
+    data: Sequence[torch.Tensor], device: torch.device, names: Sequence[str] | None, checked: bool
+) -> list[torch.Tensor]:
+    """:func:`decode` on the current stream (on a GPU: the input stream)."""
     names = named(names, len(data))
     out: list[torch.Tensor | None] = [d if d.ndim == 3 else None for d in data]
-    batch = [i for i, d in enumerate(data) if d.ndim == 1 and batch_decodable(d)]
+    batch = [i for i, d in enumerate(data) if d.ndim == 1 and (checked or batch_decodable(d))]
     target = device if device.type == "cuda" else torch.device("cpu")
     if batch:
         if device.type == "cuda":
-            # nvJPEG writes its output without waiting for kernels still queued on the stream (the
-            # previous step's backward may still read memory it reuses): let them finish first.
+            # nvJPEG writes without waiting for the work queued on its stream: let the input stream's
+            # own work (the previous batch's transform, reading blocks this output may reuse) finish.
             torch.cuda.current_stream(device).synchronize()
         try:
             decoded = decode_jpeg([data[i] for i in batch], mode=ImageReadMode.RGB, device=target)

@@ -7,8 +7,9 @@ with 16 workers, a fifth of what an H100 trains ResNet-50 at. Here a batch leave
 normalised float batch on the device: ``torchvision.io.decode_jpeg`` on the whole batch (nvJPEG on a
 GPU), then the training augmentation with the classic path's law (random resized crop with scale
 (0.08, 1) and log-uniform aspect ratio in (3/4, 4/3), ten tries then a centre crop; horizontal flip) or
-the evaluation resize and centre crop, bilinear with antialiasing, and normalisation (the module puts
-the batch in channels_last when ``model.channels_last`` is on).
+the evaluation resize and centre crop, antialiased, all images at once (:mod:`dml.data.resampling`),
+and normalisation (the module puts the batch in channels_last when ``model.channels_last`` is on). On a
+GPU this runs on a stream of its own, so that the next batch is decoded while the step still runs.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-from dml.data.decoding import batch_decodable, decode, decode_one, named
+from dml.data.decoding import batch_decodable, decode, decode_one, handed_over, input_stream, named
 from dml.data.images import unreadable_message
 from dml.data.preprocessing import Preprocessing
+from dml.data.resampling import resample
 from dml.errors import UserError
 
 PIPELINES = ("auto", "classic", "fast")
@@ -42,9 +43,11 @@ class EncodedBatch:
     collection): the decoder reads it from there. The images travel from the loader workers as one
     uint8 buffer and their lengths (one shared-memory block a batch, not one per image); an image the
     batched decoder does not take travels decoded, as its pixels with their ``shape``. ``names`` say
-    where each came from, so that an image that does not decode is named."""
+    where each came from, so that an image that does not decode is named. ``checked``: the workers
+    sorted the images (:class:`EncodedCollate`), so that every one still encoded is batch-decodable and
+    the decoder need not read the headers again."""
 
-    __slots__ = ("buffer", "lengths", "names", "shapes", "train")
+    __slots__ = ("buffer", "checked", "lengths", "names", "shapes", "train")
 
     def __init__(
         self,
@@ -52,6 +55,7 @@ class EncodedBatch:
         train: bool,
         names: Sequence[str] | None = None,
         shapes: Sequence[tuple[int, ...] | None] | None = None,
+        checked: bool = False,
     ):
         flat = [d.reshape(-1) for d in data]
         self.buffer = torch.cat(flat) if len(flat) else torch.empty(0, dtype=torch.uint8)
@@ -61,7 +65,7 @@ class EncodedBatch:
             list(shapes) if shapes is not None else [tuple(d.shape) if d.ndim == 3 else None for d in data]
         )
         self.names = named(names, len(data))
-        self.train = train
+        self.train, self.checked = train, checked
 
     @property
     def data(self) -> list[torch.Tensor]:
@@ -139,7 +143,7 @@ class EncodedCollate:
             pixels = None if batch_decodable(e.data) else decode_one(e.data, e.name)
             data.append(e.data if pixels is None else pixels)
             shapes.append(None if pixels is None else tuple(pixels.shape))
-        batch = EncodedBatch(data, self.train, [e.name for e in encoded], shapes)
+        batch = EncodedBatch(data, self.train, [e.name for e in encoded], shapes, checked=True)
         return batch, torch.tensor(labels), torch.tensor(positions)
 
 
@@ -191,7 +195,10 @@ def crop_boxes(
 class BatchTransform:
     """Decoded uint8 images -> a normalised (B, C, H, W) float batch, augmented for training: the steps of a
     :class:`~dml.data.preprocessing.Preprocessing` (resizing antialiased, as PIL resizes), batched on the
-    device. Build it with :meth:`Preprocessing.batch_transform`.
+    device: every image's crop, resize and flip in one :func:`~dml.data.resampling.resample`. On a GPU it
+    all runs on the input stream (:func:`~dml.data.decoding.input_stream`), overlapping the compute
+    stream's work, and the batch is handed to the caller's stream. Build it with
+    :meth:`Preprocessing.batch_transform`.
     """
 
     def __init__(self, preprocessing: Preprocessing):
@@ -208,51 +215,59 @@ class BatchTransform:
     ) -> torch.Tensor:
         """The batch decoded and transformed on ``device``; training draws from ``generator`` (CPU)."""
         device = torch.device(device)
-        images = decode(batch.data, device, batch.names)
+        if device.type != "cuda":
+            return self._transform(batch, device, generator)
+        stream, caller = input_stream(device), torch.cuda.current_stream(device)
+        with torch.cuda.stream(stream):
+            out = self._transform(batch, device, generator)
+        return handed_over([out], stream, caller)[0]
+
+    def _transform(
+        self, batch: EncodedBatch, device: torch.device, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        images = decode(batch.data, device, batch.names, checked=batch.checked)
         return self.augment(images, generator) if batch.train else self.evaluate(images)
 
     def augment(self, images: list[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Random resized crop, then a random horizontal flip, normalised."""
-        if self.augment_crops:
-            sizes = torch.tensor([image.shape[-2:] for image in images])
-            boxes = crop_boxes(sizes, scale=self.preprocessing.crop_scale, generator=generator).tolist()
-            size = self.preprocessing.input_size
-            out = torch.stack(
-                [
-                    self._resize(image[:, top : top + h, left : left + w], size)
-                    for image, (top, left, h, w) in zip(images, boxes, strict=True)
-                ]
-            )
+        """Random resized crop (or the evaluation resize and crop), then a random horizontal flip,
+        normalised."""
+        if not self.augment_crops:
+            boxes, sizes, offsets = self._evaluation_boxes(images)
         else:
-            out = self._crop(images)
-        if self.hflip:
-            flip = torch.rand(len(out), generator=generator) < 0.5
-            out = torch.where(flip.to(out.device).view(-1, 1, 1, 1), out.flip(-1), out)
-        return self._normalize(out)
+            sizes = torch.tensor([image.shape[-2:] for image in images])
+            boxes = crop_boxes(sizes, scale=self.preprocessing.crop_scale, generator=generator)
+            sizes = torch.tensor([self.preprocessing.input_size] * len(images))
+            offsets = torch.zeros_like(sizes)
+        flip = torch.rand(len(images), generator=generator) < 0.5 if self.hflip else None
+        return self._resample(images, boxes, sizes, offsets, flip)
 
     def evaluate(self, images: list[torch.Tensor]) -> torch.Tensor:
         """The evaluation resize (torchvision's Resize rounding), then the centre crop."""
-        return self._normalize(self._crop(images))
+        return self._resample(images, *self._evaluation_boxes(images))
 
-    def _crop(self, images: list[torch.Tensor]) -> torch.Tensor:
-        out, crop = [], self.preprocessing.center_crop
+    def _evaluation_boxes(
+        self, images: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Whole-image boxes, each image's resized size and the centre crop's (top, left) in it."""
+        crop = self.preprocessing.input_size
+        boxes, sizes, offsets = [], [], []
         for image in images:
-            size = self.preprocessing.resized_size(*image.shape[-2:])
-            resized = self._resize(image, size)
-            if crop is not None:
-                top = int(round((size[0] - crop[0]) / 2.0))
-                left = int(round((size[1] - crop[1]) / 2.0))
-                resized = resized[:, top : top + crop[0], left : left + crop[1]]
-            out.append(resized)
-        return torch.stack(out)
+            height, width = image.shape[-2:]
+            size = self.preprocessing.resized_size(height, width)
+            boxes.append((0, 0, height, width))
+            sizes.append(size)
+            # Python's round: halves to even, as torchvision's CenterCrop
+            offsets.append((int(round((size[0] - crop[0]) / 2.0)), int(round((size[1] - crop[1]) / 2.0))))
+        return torch.tensor(boxes), torch.tensor(sizes), torch.tensor(offsets)
 
-    def _resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """uint8 (3, h, w) -> float (3, *size) in [0, 255], with antialiasing (as PIL resizes)."""
-        mode = self.preprocessing.interpolation
-        return F.interpolate(image[None].float(), size=size, mode=mode, antialias=True, align_corners=False)[
-            0
-        ]
-
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 255] floats -> the preprocessing's value range, channel order and normalisation."""
-        return self.steps.from_255(x.clamp_(0, 255))
+    def _resample(
+        self,
+        images: list[torch.Tensor],
+        boxes: torch.Tensor,
+        sizes: torch.Tensor,
+        offsets: torch.Tensor,
+        flip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        size = self.preprocessing.input_size
+        out = resample(images, boxes, sizes, offsets, size, self.preprocessing.interpolation, flip)
+        return self.steps.from_255(out.clamp_(0, 255))
