@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from dml.errors import UserError
 from dml.evaluation.collapse import singular_values
@@ -108,3 +109,29 @@ class MonitoredMetricsCheck(L.Callback):
                 raise UserError(
                     f"{key}={metric} is not a metric this run logs; choose one of: {', '.join(names)}"
                 )
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading the logged metrics only every ``trainer.log_every_n_steps``
+    training batches and at each epoch's end. Each read copies them to the host, which waits for every
+    kernel queued on the device: read after every batch, it would hold the next batch's decoding until
+    the step is done (the fast path overlaps the two)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._batches = 0
+        self._shown: dict[str, Any] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._batches += 1
+        super().on_train_batch_end(trainer, *args, **kwargs)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._shown = None
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        every = max(1, getattr(trainer, "log_every_n_steps", 50))  # set by the trainer's logger connector
+        if self._shown is None or not trainer.training or self._batches % every == 0:
+            self._shown = super().get_metrics(trainer, pl_module)
+        return self._shown

@@ -23,6 +23,7 @@ from dml.losses.distributed import (
     world_size,
 )
 from dml.models import random_state
+from dml.models.finite import FiniteLossCheck
 
 log = get_logger(__name__)
 
@@ -137,7 +138,7 @@ class DMLModule(L.LightningModule):
         self.run_config = dict(run_config) if run_config is not None else None
         self._protocols: dict[str, EvaluationProtocol] = {}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._step_losses: list[dict[str, torch.Tensor]] = []  # this optimizer step's, see _check_finite
+        self._finite = FiniteLossCheck()  # this optimizer step's losses
         self.test_results: dict[str, float] = {}
 
     # --- forward ----------------------------------------------------------------------------------------
@@ -181,8 +182,7 @@ class DMLModule(L.LightningModule):
         # Under DDP the loss sees the global batch (see dml.losses.distributed).
         embeddings, labels = gather_batch(embeddings, labels)
         out = self.loss(embeddings, labels)
-        # checked before the optimizer step, not here: a check here would hold the backward's launch
-        self._step_losses.append({name: value.detach() for name, value in out.items()})
+        self._finite.add(out)  # checked before the optimizer step, without waiting for the backward
         batch_size = labels.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
         for name in self.loss.terms:
@@ -199,15 +199,10 @@ class DMLModule(L.LightningModule):
             "full precision (trainer.precision=32-true)."
         )
 
-    def _check_finite(self) -> None:
-        """Stop on a non-finite loss among the micro-batches of this optimizer step, before any weight
-        changes (one host synchronisation a step, after the backward passes were queued)."""
-        outs, self._step_losses = self._step_losses, []
-        if outs and not bool(torch.stack([o["loss"] for o in outs]).isfinite().all()):
-            self._stop_on_non_finite(next(o for o in outs if not torch.isfinite(o["loss"])))
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self._check_finite()
+        bad = self._finite.first_non_finite()
+        if bad is not None:
+            self._stop_on_non_finite(bad)
         # Once per optimizer step, after the last accumulated micro-batch and before gradient clipping:
         # DDP averaged the gradients, and backbone and head saw only their rank's chunk of each global
         # batch's loss (dml.losses.distributed). Rescaling after every backward instead would multiply
