@@ -86,6 +86,35 @@ def coding_rate(z: torch.Tensor, eps: float = 0.5, scale: Scale = "mcr2") -> tor
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.to(dtype)
         gram = z @ z.T if n <= d else z.T @ z
-        eye = torch.eye(gram.shape[0], dtype=dtype, device=z.device)
-        chol = torch.linalg.cholesky(eye + c * gram)
-        return torch.log(torch.diagonal(chol)).sum()  # 1/2 * logdet = sum log diag(L)
+        return _half_logdet_plus_identity(gram, c)
+
+
+def masked_coding_rate(
+    z: torch.Tensor, rows: torch.Tensor, eps: float = 0.5, scale: Scale = "mcr2"
+) -> torch.Tensor:
+    """:func:`coding_rate` of the rows of ``z`` (m, d) that ``rows`` (m,) marks, with their number n read
+    on the device: ``coding_rate(z[rows])`` without the host waiting to learn n. Masked-out rows are
+    zeroed, which leaves the d x d Gram matrix Z^T Z of the marked rows."""
+    if z.ndim != 2 or rows.shape != z.shape[:1]:
+        raise ValueError(
+            f"masked_coding_rate expects (m, d) rows and an (m,) mask, got {tuple(z.shape)}, {tuple(rows.shape)}"
+        )
+    if scale not in ("mcr2", "official"):
+        raise ValueError(f"scale must be 'mcr2' or 'official', got {scale!r}")
+    d = z.shape[1]
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        weights = rows.to(dtype)
+        z = z.to(dtype) * weights[:, None]
+        n = weights.sum()
+        c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
+        gram = z @ z.T if z.shape[0] <= d else z.T @ z  # the marked rows' Gram, plus identity blocks
+        return _half_logdet_plus_identity(gram, c)
+
+
+def _half_logdet_plus_identity(gram: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    """1/2 logdet(I + c gram) = sum log diag(L), L the Cholesky factor; ``cholesky_ex``: no error check,
+    which would read the factorisation's status on the host (I + c gram is positive definite)."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol = torch.linalg.cholesky_ex(eye + c * gram).L
+    return torch.log(torch.diagonal(chol)).sum()

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dml.functional import Scale, coding_rate
+from dml.functional import Scale, coding_rate, masked_coding_rate
 from dml.losses.proxy import ProxyBank
 
 
@@ -51,12 +51,14 @@ class AntiCoLoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Args: embeddings (B, d); labels (B,) class indices (unused by ``pair``). Returns a scalar."""
         if self.variant == "pair":
-            z = embeddings
+            rate = coding_rate(embeddings, eps=self.eps, scale=self.scale)
         elif self.variant == "batch_proxy":
             assert self.proxies is not None  # every variant but pair has a bank
-            z = self.proxies.normalized(torch.unique(labels))
+            # the proxies of the batch's classes, marked on the device (torch.unique would wait for it)
+            present = torch.zeros(self.proxies.num_classes, dtype=torch.bool, device=labels.device)
+            present[labels] = True
+            rate = masked_coding_rate(self.proxies.normalized(), present, eps=self.eps, scale=self.scale)
         else:
             assert self.proxies is not None
-            z = self.proxies.normalized()
-        rate = coding_rate(z, eps=self.eps, scale=self.scale)
+            rate = coding_rate(self.proxies.normalized(), eps=self.eps, scale=self.scale)
         return torch.exp(-self.gamma * rate) if self.form == "exp" else -self.gamma * rate

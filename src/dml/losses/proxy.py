@@ -51,6 +51,11 @@ class ProxyBank(nn.Module):
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Labels out of range are named here on the CPU; on a GPU reading them would make the host wait for
+    the device every step (dml's datamodules number the training classes 0..C-1 and check C against the
+    loss's: an out-of-range label there is a bug, not an input)."""
+    if labels.device.type != "cpu":
+        return
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
             f"labels must lie in [0, {num_classes}) for a proxy loss with {num_classes} classes, "
@@ -86,11 +91,13 @@ class ProxyAnchorLoss(nn.Module):
         _check_labels(labels, num_classes)
         # float32 logits: alpha * cos reaches 64 and exp of that overflows half precision.
         cos = cosine_similarity(embeddings, self.proxies.weight)  # (B, C)
-        pos = F.one_hot(labels, num_classes).bool()
+        pos = labels[:, None] == torch.arange(num_classes, device=labels.device)  # one_hot, unchecked
         pos_term = masked_logsumexp_plus_one(-self.alpha * (cos - self.delta), pos, dim=0)  # (C,)
         neg_term = masked_logsumexp_plus_one(self.alpha * (cos + self.delta), ~pos, dim=0)  # (C,)
         with_pos = pos.any(dim=0)
-        return pos_term[with_pos].sum() / with_pos.sum().clamp(min=1) + neg_term.sum() / num_classes
+        # where(), not pos_term[with_pos]: indexing by a mask waits for the device to count it
+        positive = torch.where(with_pos, pos_term, torch.zeros_like(pos_term)).sum()
+        return positive / with_pos.sum().clamp(min=1) + neg_term.sum() / num_classes
 
 
 class ProxyNCALoss(nn.Module):
