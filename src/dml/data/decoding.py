@@ -134,11 +134,16 @@ def _fell_back(name: str, error: Exception) -> None:
         )
 
 
+def cuda_device(device: torch.device | str) -> torch.device:
+    """``device``, a CUDA one with its index (``cuda`` and ``cuda:0`` must not make torchvision build a
+    second decoder)."""
+    device = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if device == torch.device("cuda") else device
+
+
 def input_stream(device: torch.device | str) -> torch.cuda.Stream:
     """The private stream that the fast path decodes and transforms on, one per CUDA device."""
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = cuda_device(device)
     if device not in _streams:
         _streams[device] = torch.cuda.Stream(device)
     return _streams[device]
@@ -172,7 +177,7 @@ def decode(
     Raises:
         UserError: an image cannot be decoded; the message names it (``names``: one per image).
     """
-    device = torch.device(device)
+    device = cuda_device(device)
     if device.type != "cuda":
         return _decode(data, device, names, checked)
     stream, caller = input_stream(device), torch.cuda.current_stream(device)

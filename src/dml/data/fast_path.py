@@ -22,7 +22,15 @@ from typing import NamedTuple
 import torch
 from torchvision.io import encode_jpeg
 
-from dml.data.decoding import batch_decodable, decode, decode_one, handed_over, input_stream, named
+from dml.data.decoding import (
+    batch_decodable,
+    cuda_device,
+    decode,
+    decode_one,
+    handed_over,
+    input_stream,
+    named,
+)
 from dml.data.images import unreadable_message
 from dml.data.preprocessing import Preprocessing
 from dml.data.resampling import resample
@@ -214,7 +222,7 @@ class BatchTransform:
         self, batch: EncodedBatch, device: torch.device | str, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """The batch decoded and transformed on ``device``; training draws from ``generator`` (CPU)."""
-        device = torch.device(device)
+        device = cuda_device(device)
         if device.type != "cuda":
             return self._transform(batch, device, generator)
         stream, caller = input_stream(device), torch.cuda.current_stream(device)

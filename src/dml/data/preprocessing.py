@@ -202,6 +202,7 @@ class TensorSteps:
         self.channels = pre.channels
         self.mean = torch.tensor(pre.mean).view(-1, 1, 1)
         self.std = torch.tensor(pre.std).view(-1, 1, 1)
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
@@ -216,7 +217,14 @@ class TensorSteps:
             x = x.flip(-3)
         if x.shape[-3] == 1 and self.channels != 1:
             x = x.expand(*x.shape[:-3], self.channels, *x.shape[-2:])
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        mean, std = self._on(x.device)
+        return (x - mean) / std
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std on ``device``, copied there once (a copy per batch would hold the host)."""
+        if device not in self._copies:
+            self._copies[device] = (self.mean.to(device), self.std.to(device))
+        return self._copies[device]
 
     def from_255(self, x: torch.Tensor) -> torch.Tensor:
         """The same steps on float values in [0, 255] (the fast path's resized images): no round trip

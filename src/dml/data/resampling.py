@@ -61,14 +61,15 @@ def axis_weights(
     stretch = scale.clamp(min=1)  # downsampling widens the kernel: antialiasing
     support = SUPPORT[mode] * stretch
     i = torch.arange(count, device=device, dtype=torch.float64) + offset[:, None]
-    center = (i + 0.5) * scale[:, None]  # (N, count), in box coordinates
-    first = torch.trunc(center - support[:, None] + 0.5).clamp(min=0)
-    stop = torch.minimum(torch.trunc(center + support[:, None] + 0.5), length[:, None])
-    r = torch.arange(extent, device=device, dtype=torch.float64) - start[:, None]  # (N, extent)
-    r = r[:, None, :]
-    w = kernel((r - center[..., None] + 0.5) / stretch[:, None, None], mode)
-    w = torch.where((r >= first[..., None]) & (r < stop[..., None]), w, 0)
-    return (w / w.sum(-1, keepdim=True)).float()
+    center = (i + 0.5) * scale[:, None]  # (N, count), in box coordinates: exact in float64
+    first = torch.trunc(center - support[:, None] + 0.5).clamp(min=0).float()
+    stop = torch.minimum(torch.trunc(center + support[:, None] + 0.5), length[:, None]).float()
+    # the (N, count, extent) tensors in float32, built in place: a batch's weights are its largest temporaries
+    r = (torch.arange(extent, device=device, dtype=torch.float64) - start[:, None]).float()[:, None, :]
+    x = r - (center - 0.5).float()[..., None]
+    w = kernel(x.div_(stretch.float()[:, None, None]), mode)
+    w.mul_((r >= first[..., None]) & (r < stop[..., None]))
+    return w.div_(w.sum(-1, keepdim=True).clamp_(min=torch.finfo(w.dtype).tiny))
 
 
 def resample(
