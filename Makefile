@@ -10,9 +10,10 @@ ARGS   ?=
 # whose names start in lower case (the Makefile's own and the environment's are upper case) go to the
 # script after ARGS, from the make a user typed only (not a nested one). A value with $ or quotes: use ARGS.
 UPPER     := A B C D E F G H I J K L M N O P Q R S T U V W X Y Z _
-OVERRIDES := $(if $(filter 0,$(MAKELEVEL)),$(filter-out $(addsuffix %,$(UPPER)),$(MAKEOVERRIDES)))
+LOWER     := $(filter-out $(addsuffix %,$(UPPER)),$(.VARIABLES))
+OVERRIDES := $(if $(filter 0,$(MAKELEVEL)),$(strip $(foreach v,$(LOWER),$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))))
 # The training setup a benchmark gets from make train (conf/preset/); PRESET= for none.
-PRESET ?= $(if $(filter cub cars sop inshop omniglot,$(DATA)),imagenet_finetune)
+PRESET ?= $(if $(filter cub cars sop inshop omniglot folder table,$(DATA)),imagenet_finetune)
 CKPT   ?=
 # faiss-gpu where a GPU answers, faiss-cpu otherwise (never both in one venv).
 EXTRAS ?= $(shell nvidia-smi >/dev/null 2>&1 && echo dev,gpu || echo dev,cpu)

@@ -75,8 +75,11 @@ def test_readme_command_composes(compose_cfg, command):
 
 def test_hydra_overrides_typed_as_make_variables_reach_the_script():
     """make train DATA=cub trainer=gpu trains with trainer=gpu (make reads it as a variable of its own)."""
-    words = expand("make train DATA=cub trainer=gpu dataset.batch_size=240 'tags=[a, b]'")
+    words = expand(
+        "make train DATA=cub trainer=gpu dataset.batch_size=240 'tags=[a, b]' ARGS='seed=3 test=false'"
+    )
     args = words[words.index("train.py") + 1 :]
     assert args[:2] == ["dataset=cub", "preset=imagenet_finetune"]  # make lists its variables in any order
-    assert sorted(args[2:]) == ["dataset.batch_size=240", "tags=[a, b]", "trainer=gpu"]
+    assert args[2:4] == ["seed=3", "test=false"]  # ARGS, once: its words are not variables of their own
+    assert sorted(args[4:]) == ["dataset.batch_size=240", "tags=[a, b]", "trainer=gpu"]
     assert "DATA=cub" not in words and expand("make evaluate CKPT=x.ckpt trainer=cpu")[-1] == "trainer=cpu"
