@@ -347,6 +347,6 @@ def test_old_checkpoints_keep_their_bilinear_resize_and_need_no_weights(tmp_path
         "backbone": {"pretrained": True, "pretrained_file": "/gone.pth"},
     }
     torch.save({"dml_config": config, "state_dict": {}}, ckpt)
-    run_cfg, _ = load_checkpoint(ckpt)
+    run_cfg, _, _ = load_checkpoint(ckpt)
     assert run_cfg.dataset.interpolation == "bilinear"
     assert run_cfg.backbone.pretrained is False and run_cfg.backbone.pretrained_file is None

@@ -10,7 +10,7 @@ from typing import Any, cast
 import lightning as L
 import torch
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dml.checkpoints import AtomicCheckpointIO
 from dml.config import BUILT_GROUPS, check_types
@@ -40,15 +40,29 @@ def build_module(cfg: DictConfig) -> DMLModule:
     )
 
 
-def build_data_and_module(cfg: DictConfig) -> tuple[L.LightningDataModule, DMLModule]:
+def build_data_and_module(
+    cfg: DictConfig, data_state: dict[str, Any] | None = None
+) -> tuple[L.LightningDataModule, DMLModule]:
     """The datamodule and module of a run config; image datasets take the backbone's normalisation.
+    ``data_state``: a checkpoint's datamodule state (the split of a user's data), applied before the data
+    are read. A dataset whose ``num_train_classes`` is null (a user's data) is read first, and the count
+    written into ``cfg`` (the loss's proxies are sized by it, and checkpoints keep it).
 
     Raises:
         UserError: a value has the wrong type, or the dataset's images have another number of channels
             than the backbone takes.
     """
-    check_types(cfg, [group for group in BUILT_GROUPS if group != "trainer"])
+    check_types(cfg, ["dataset"])
     datamodule = instantiate(cfg.dataset)
+    if data_state:
+        datamodule.load_state_dict(data_state)
+    if "num_train_classes" in cfg.dataset and cfg.dataset.num_train_classes is None:
+        count = datamodule.training_classes()
+        with open_dict(cfg):
+            cfg.dataset.num_train_classes = count
+        datamodule.num_train_classes = count
+        log.info("%s: %d training classes", datamodule.name, count)
+    check_types(cfg, [group for group in BUILT_GROUPS if group not in ("trainer", "dataset")])
     module = build_module(cfg)
     check_channels(datamodule, module.backbone)
     data_config = getattr(module.backbone, "data_config", {})

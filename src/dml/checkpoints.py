@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -58,8 +58,24 @@ def check_same_model(path: Path, state_dict: Mapping[str, torch.Tensor], model: 
         )
 
 
-def load_checkpoint(ckpt_path: Path) -> tuple[DictConfig, dict[str, Any]]:
-    """The run config stored in a checkpoint written by train.py, and its state dict.
+class Loaded(NamedTuple):
+    """A checkpoint's run config, its model weights, and its datamodule's state (the split of a user's
+    data; empty for the built-in benchmarks)."""
+
+    config: DictConfig
+    state_dict: dict[str, Any]
+    data_state: dict[str, Any]
+
+
+def data_state(payload: Mapping[str, Any], run_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The datamodule's ``state_dict`` that Lightning saved in a checkpoint (under the class's name)."""
+    target = str(run_cfg.get("dataset", {}).get("_target_", ""))
+    state = payload.get(target.rsplit(".", 1)[-1]) if target else None
+    return dict(state) if isinstance(state, Mapping) else {}
+
+
+def load_checkpoint(ckpt_path: Path) -> Loaded:
+    """The run config stored in a checkpoint written by train.py, its state dict and its datamodule's state.
 
     The backbone is rebuilt without its pretrained weights: the state dict holds every weight, and
     evaluating must not need the network or the weights file that training started from."""
@@ -70,7 +86,7 @@ def load_checkpoint(ckpt_path: Path) -> tuple[DictConfig, dict[str, Any]]:
     if "resize_size" in dataset and "interpolation" not in dataset:
         with open_dict(run_cfg):  # written before dataset.interpolation existed: trained bilinear
             run_cfg.dataset.interpolation = "bilinear"
-    return run_cfg, payload["state_dict"]
+    return Loaded(run_cfg, payload["state_dict"], data_state(payload, payload["dml_config"]))
 
 
 def without_pretrained_weights(run_cfg: DictConfig) -> None:

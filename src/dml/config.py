@@ -183,6 +183,10 @@ def check_types(cfg: DictConfig, keys: Sequence[str] = BUILT_GROUPS) -> None:
     Raises:
         UserError: a value does not fit its parameter's annotation.
     """
+    if isinstance(cfg.get("dataset"), DictConfig) and cfg.dataset.get("num_train_classes", 0) is None:
+        cfg = cfg.copy()  # a user's data: the count is read from them when built; a stand-in here
+        with open_dict(cfg):
+            cfg.dataset.num_train_classes = 1
     for key in keys:
         node = cfg.get(key)
         if isinstance(node, DictConfig):

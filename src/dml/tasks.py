@@ -18,7 +18,13 @@ from rich.table import Table
 
 from dml.builders import build_data_and_module, build_trainer
 from dml.callbacks import EmbeddingPictures, MonitoredMetricsCheck
-from dml.checkpoints import check_same_model, load_checkpoint, read_checkpoint, without_pretrained_weights
+from dml.checkpoints import (
+    check_same_model,
+    data_state,
+    load_checkpoint,
+    read_checkpoint,
+    without_pretrained_weights,
+)
 from dml.command import is_multirun
 from dml.config import check_types
 from dml.errors import UserError
@@ -82,14 +88,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     claim_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build_data_and_module(cfg)
-    if ckpt is not None:
-        payload = read_checkpoint(ckpt)
+    payload = read_checkpoint(ckpt) if ckpt is not None else None
+    # a resumed run reads the classes it was trained on (a user's data), whatever the folder holds now
+    stored = data_state(payload, payload["dml_config"]) if payload is not None else None
+    datamodule, module = build_data_and_module(cfg, stored)
+    if ckpt is not None and payload is not None:
         check_same_model(ckpt, payload["state_dict"], module)
         check_resume(ckpt, payload["dml_config"], cfg)
-        del payload
+    del payload
     if is_launching_process():  # one writer: under DDP every process runs this function
         write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if hasattr(datamodule, "split_description"):  # a user's data: which classes went where
+            _write_json_atomic(output_dir / "split.json", datamodule.split_description())
     monitored = {"monitor.metric": cfg.get("monitor", {}).get("metric")}
     if is_multirun() and cfg.get("optimized_metric"):
         monitored["optimized_metric"] = cfg.optimized_metric
@@ -173,7 +183,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
-    run_cfg, state_dict = load_checkpoint(ckpt_path)
+    run_cfg, state_dict, data_state = load_checkpoint(ckpt_path)
     keys = _command_line_keys()
     for key in keys:
         if key.split(".")[0] in MODEL_KEYS:
@@ -186,7 +196,7 @@ def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
         _move_data_root(run_cfg, cfg)
     without_pretrained_weights(run_cfg)  # a backbone=... override brings its pretrained: true back
     L.seed_everything(run_cfg.get("seed", 0), workers=True)
-    datamodule, module = build_data_and_module(run_cfg)
+    datamodule, module = build_data_and_module(run_cfg, data_state)
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

@@ -4,11 +4,13 @@ from dml.data.datamodule import RetrievalDataModule
 from dml.data.datasets import (
     CarsDataModule,
     CUBDataModule,
+    FolderDataModule,
     InShopDataModule,
     MNISTDataModule,
     OmniglotDataModule,
     SOPDataModule,
     SyntheticDataModule,
+    TableDataModule,
 )
 from dml.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 from dml.data.splits import RetrievalSplit
@@ -17,6 +19,7 @@ __all__ = [
     "CUBDataModule",
     "CarsDataModule",
     "ClassBalancedBatchSampler",
+    "FolderDataModule",
     "InShopDataModule",
     "MNISTDataModule",
     "OmniglotDataModule",
@@ -25,4 +28,5 @@ __all__ = [
     "RetrievalSplit",
     "SOPDataModule",
     "SyntheticDataModule",
+    "TableDataModule",
 ]

@@ -141,8 +141,37 @@ class RetrievalDataModule(L.LightningDataModule):
             self._build_splits()
         self._hand_over_protocols()
 
+    def _read(self) -> dict[str, RawSplit]:
+        """:meth:`load_raw`, once."""
+        if getattr(self, "_raw", None) is None:
+            self._raw = self.load_raw()
+        return self._raw
+
+    def training_classes(self) -> int:
+        """How many classes training sees (what proxies are sized by), read from the data."""
+        train = self._read()["train"]
+        train_idx, _, _ = self._partition(train)
+        return int(torch.unique(self.train_label_of(train.class_ids[train_idx])).numel())
+
+    def _partition(self, train: RawSplit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions in the raw training split: (training, validation, held out)."""
+        classes = torch.unique(train.class_ids)
+        if "val" in self._read():  # the reader drew the validation classes itself
+            val_set = classes[:0]
+        elif self.val_classes < 0 or self.val_classes >= len(classes):
+            raise UserError(
+                f"dataset.val_classes={self.val_classes} must be between 0 and {len(classes) - 1} "
+                f"(the training split of {self.name} has {len(classes)} classes)"
+            )
+        else:
+            val_set = classes[len(classes) - self.val_classes :] if self.val_classes else classes[:0]
+        in_val = torch.isin(train.class_ids, val_set)
+        train_idx, val_idx = torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
+        train_idx, heldout_idx = self._hold_out(train_idx, train.class_ids)
+        return train_idx, val_idx, heldout_idx
+
     def _build_splits(self) -> None:
-        raw = self.load_raw()
+        raw = self._read()
         train, test = raw["train"], raw["test"]
         fast = self.fast
         if fast:
@@ -165,22 +194,18 @@ class RetrievalDataModule(L.LightningDataModule):
                     f"the {split_name} split of dataset {self.name} is empty; check the dataset's class settings "
                     "(e.g. dataset.train_digits / dataset.test_digits) and its files"
                 )
-        classes = torch.unique(train.class_ids)
-        if self.val_classes < 0 or self.val_classes >= len(classes):
-            raise UserError(
-                f"dataset.val_classes={self.val_classes} must be between 0 and {len(classes) - 1} "
-                f"(the training split of {self.name} has {len(classes)} classes)"
-            )
-        val_set = classes[len(classes) - self.val_classes :] if self.val_classes else classes[:0]
-        in_val = torch.isin(train.class_ids, val_set)
-        train_idx, val_idx = torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
-        train_idx, heldout_idx = self._hold_out(train_idx, train.class_ids)
+        train_idx, val_idx, heldout_idx = self._partition(train)
         if len(heldout_idx):
             self.splits["heldout"] = make(train.source, heldout_idx, train.class_ids[heldout_idx], "eval")
         _, train_labels = torch.unique(self.train_label_of(train.class_ids[train_idx]), return_inverse=True)
         self.splits["train"] = make(train.source, train_idx, train_labels, "train")
         if len(val_idx):
             self.splits["val"] = make(train.source, val_idx, train.class_ids[val_idx], "eval")
+        if "val" in raw:
+            val = raw["val"]
+            self.splits["val"] = make(
+                val.source, torch.arange(len(val.class_ids)), val.class_ids, "eval", roles=val.roles
+            )
         self.splits["test"] = make(
             test.source,
             torch.arange(len(test.class_ids)),

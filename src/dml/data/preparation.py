@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -181,20 +182,26 @@ def _replaced_since_extraction(root: Path, archive: Archive) -> bool:
         return True
 
 
+def check_image(path: Path) -> str | None:
+    """A digest of the file's bytes when it decodes to pixels with an 8-bit meaning, else None (missing,
+    damaged, or of pixels dml does not read)."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            to_8bit(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return hashlib.blake2b(data, digest_size=10).hexdigest()
+
+
 def check_images(root: Path, paths: list[str], skip_bad: bool, name: str) -> set[str]:
     """The paths (relative to ``root``) that are missing or cannot be decoded.
 
     Raises:
         UserError: some are bad and ``skip_bad`` is false; the message names them.
     """
-    bad = set()
-    for rel in paths:
-        try:
-            with Image.open(root / rel) as image:
-                image.load()
-                to_8bit(image)  # pixel values that have no 8-bit meaning make it unreadable
-        except (OSError, SyntaxError, ValueError):
-            bad.add(rel)
+    bad = {rel for rel in paths if check_image(root / rel) is None}
     if bad and not skip_bad:
         shown = "\n".join(f"  - {root / p}" for p in sorted(bad)[:10])
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""

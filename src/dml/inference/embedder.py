@@ -137,7 +137,7 @@ class Embedder:
                 f"dataset_root={str(dataset_root)!r} is not a folder; give the folder that now holds the "
                 "checkpoint's dataset"
             )
-        run_cfg, state_dict = load_checkpoint(path)
+        run_cfg, state_dict, data_state = load_checkpoint(path)
         if dataset_root is not None:
             run_cfg.dataset.root = str(Path(dataset_root).expanduser())
         if "download" in run_cfg.dataset:  # a dataset that moved is not fetched again into its old folder
@@ -148,7 +148,7 @@ class Embedder:
             pipeline = "fast" if chosen.type == "cuda" and fast_by_default(run_cfg.dataset) else "classic"
         with open_dict(run_cfg):
             run_cfg.dataset.pipeline = pipeline
-        datamodule, module = build_data_and_module(run_cfg)
+        datamodule, module = build_data_and_module(run_cfg, data_state)
         module.load_state_dict(state_dict)
         return cls(module, datamodule, path, device, run_cfg.get("trainer", {}).get("precision", "32-true"))
 

@@ -114,8 +114,8 @@ def antico_probe(checkpoint: str | Path, samples_per_class: int = 10, seed: int 
     training class, ``samples_per_class`` images each, drawn with ``seed``): its variant, weight, value
     (exp(-R) in the official form, unweighted), R, and the gradient norm the weighted term sends to the
     embeddings and to the proxies. ``None`` when the run's loss has no AntiCo term."""
-    run_cfg, state_dict = load_checkpoint(Path(checkpoint))
-    datamodule, module = build_data_and_module(run_cfg)
+    run_cfg, state_dict, data_state = load_checkpoint(Path(checkpoint))
+    datamodule, module = build_data_and_module(run_cfg, data_state)
     module.load_state_dict(state_dict)
     module.eval()
     term = cast(AntiCoLoss, module.loss.terms["antico"].loss) if "antico" in module.loss.terms else None

@@ -1,0 +1,446 @@
+"""The user's own images (a folder of classes, or a table of files) as a benchmark: class-disjoint splits,
+preparation checked and indexed once, and the split kept with the run.
+
+A reader (:class:`~dml.data.datasets.folder.FolderDataModule`, :class:`~dml.data.datasets.table.TableDataModule`)
+lists :class:`Item` s: a file, its class name, and optionally the split and the query/gallery role the user
+gave it. Preparation checks that every file exists and decodes, hashes its bytes (the same image in train
+and test is reported) and writes an index, stamped by what it was made from, so that a changed folder or
+table is prepared again. The split is decided per class: the user's own (a split file, the table's
+``split`` column), else a seeded share or count of the classes (``test_classes``), and ``val_classes``
+more held out of training for model selection. The datamodule's ``state_dict`` (saved in every
+checkpoint) holds the split and the class ids, so that evaluate.py, embed.py and a resume read the same
+classes as training did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import track
+
+from dml.data.datasets.benchmark import FileBenchmark, ImageFiles
+from dml.data.preparation import check_image, resized_copy
+from dml.data.splits import RawSplit
+from dml.errors import UserError
+from dml.io import write_atomic
+from dml.log import get_logger
+
+log = get_logger(__name__)
+
+SPLITS = ("train", "val", "test")
+INDEX_FORMAT = "dml custom index 1"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of the user's data: ``path`` relative to the image root, its class name, and what the user
+    said of it (``split``: train, val or test; ``role``: 0 query, 1 gallery, 2 both), or None."""
+
+    path: str
+    label: str
+    split: str | None = None
+    role: int | None = None
+
+
+def choose_classes(
+    classes: list[str], test_classes: float, val_classes: int, seed: int, source: str
+) -> dict[str, str]:
+    """Class name -> ``train``, ``val`` or ``test``: ``test_classes`` (a share below 1, or a count) of the
+    classes drawn for test, then ``val_classes`` of the rest for validation, by a generator seeded with
+    ``seed`` (the same split for the same classes and seed).
+
+    Raises:
+        UserError: the draw would leave a split without classes.
+    """
+    n = len(classes)
+    if n < 2:
+        raise UserError(
+            f"{source} has {n} class{'' if n == 1 else 'es'}; metric learning needs at least 2 (one to train "
+            "on, one to test on): add classes"
+        )
+    count = round(test_classes * n) if 0 < test_classes < 1 else int(test_classes)
+    if not 1 <= count <= n - 1 - val_classes:
+        raise UserError(
+            f"dataset.test_classes={test_classes} holds out {count} of the {n} classes of {source} for test "
+            f"(and dataset.val_classes={val_classes} for validation); it must leave at least one for each "
+            f"split: choose a share in (0, 1) or a count from 1 to {n - 1 - val_classes}"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    ranked = [sorted(classes)[i] for i in order]
+    split = {name: "test" for name in ranked[:count]}
+    split |= {name: "val" for name in ranked[count : count + val_classes]}
+    return split | {name: "train" for name in ranked[count + val_classes :]}
+
+
+def read_split_file(path: Path) -> dict[str, str]:
+    """A split file: JSON ``{"class": "train" | "val" | "test"}``, or CSV with a header ``class,split``.
+
+    Raises:
+        UserError: the file is missing or malformed, or names another split.
+    """
+    import csv
+
+    if not path.is_file():
+        raise UserError(
+            f"dataset.split_file={path} does not exist; give a JSON or CSV file of class -> split"
+        )
+    try:
+        if path.suffix.lower() == ".json":
+            mapping = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(mapping, dict):
+                raise ValueError("not an object of class names")
+            pairs = [(str(k), str(v)) for k, v in mapping.items()]
+        else:
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            if rows and not {"class", "split"} <= set(rows[0]):
+                raise ValueError(f"its header is {list(rows[0])}, not class,split")
+            pairs = [(row["class"], row["split"]) for row in rows]
+    except (ValueError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(
+            f'dataset.split_file={path} cannot be read ({e}); write JSON {{"class name": "train"}} or a CSV '
+            "with the header class,split"
+        ) from e
+    out: dict[str, str] = {}
+    for name, split in pairs:
+        if split not in SPLITS:
+            raise UserError(f"{path}: class {name!r} is put in {split!r}; the splits are {', '.join(SPLITS)}")
+        if out.get(name, split) != split:
+            raise UserError(
+                f"{path} puts class {name!r} in both {out[name]} and {split}; a class has one split"
+            )
+        out[name] = split
+    return out
+
+
+class CustomImages(FileBenchmark):
+    """Base of the user-data benchmarks (see the module's docstring).
+
+    Args:
+        root: the folder the images are read from (and where the index and the resized copy go).
+        test_classes: a share (below 1) or a number of the classes held out for test, drawn with
+            ``split_seed``; unused when the split is given (``split_file``, a table's ``split`` column).
+        split_seed: the seed of that draw (and of ``val_classes``'s).
+        split_file: a JSON or CSV file mapping every class to ``train``, ``val`` or ``test``.
+        **kwargs: see :class:`~dml.data.datasets.benchmark.FileBenchmark`; ``val_classes`` classes are
+            drawn from the training classes (seeded), not taken from the end.
+    """
+
+    source_kind = "data"  # what the messages call it
+
+    def __init__(
+        self,
+        root: str,
+        test_classes: float = 0.5,
+        split_seed: int = 0,
+        split_file: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(root, **kwargs)
+        if self.val_classes < 0:
+            raise UserError(f"dataset.val_classes={self.val_classes} must be 0 or more")
+        if test_classes <= 0:
+            raise UserError(f"dataset.test_classes={test_classes} must be a share in (0, 1) or a count >= 1")
+        self.test_classes, self.split_seed = test_classes, split_seed
+        self.split_file = Path(split_file).expanduser() if split_file else None
+        self._stored: dict[str, Any] | None = None  # the split of a checkpoint (load_state_dict)
+        self._assignment: dict[str, str] = {}
+        self._class_ids: dict[str, int] = {}
+        self._prepared: dict[str, Any] | None = None
+
+    # --- for subclasses -------------------------------------------------------------------------------
+    def list_items(self) -> tuple[list[Item], str]:
+        """Every image and what the user said of it, and a stamp of what they were listed from (changes
+        when the folder or table does)."""
+        raise NotImplementedError
+
+    @property
+    def source(self) -> Path:
+        """The folder or table the items come from (named in messages; its index is kept beside it)."""
+        return self.root
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "dml_index.json"
+
+    # --- preparation ----------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self._index()
+        self._image_root()
+
+    def _index(self) -> dict[str, Any]:
+        """The prepared index: read when its stamp is the data's, else made (every file checked); once
+        per datamodule."""
+        if self._prepared is not None:
+            return self._prepared
+        self._prepared = self._read_or_make_index()
+        return self._prepared
+
+    def _read_or_make_index(self) -> dict[str, Any]:
+        items, stamp = self.list_items()
+        if not items:
+            raise UserError(
+                f"{self.source} holds no images; see docs/own-images.md for the layouts dml reads"
+            )
+        try:
+            index = json.loads(self.index_path.read_text(encoding="utf-8"))
+            if index.get("format") == INDEX_FORMAT and index.get("stamp") == stamp:
+                return index
+        except (OSError, json.JSONDecodeError):
+            pass
+        bad, hashes = [], {}
+        for item in track(
+            items, description=f"checking {len(items)} images of {self.source}", transient=True
+        ):
+            digest = check_image(self.root / item.path)
+            if digest is None:
+                bad.append(item.path)
+            else:
+                hashes[item.path] = digest
+        if bad and not self.skip_bad_images:
+            shown = "\n".join(f"  - {self.root / p}" for p in sorted(bad)[:10])
+            more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise UserError(
+                f"{len(bad)} image(s) of {self.source} are missing or unreadable:\n{shown}{more}\n"
+                "Replace or remove them, or set dataset.skip_bad_images=true to leave them out."
+            )
+        if bad:
+            log.warning("%s: left out %d missing or unreadable image(s)", self.source, len(bad))
+        kept = [asdict(item) | {"hash": hashes[item.path]} for item in items if item.path in hashes]
+        index = {"format": INDEX_FORMAT, "stamp": stamp, "skipped_images": len(bad), "items": kept}
+        try:
+            write_atomic(self.index_path, json.dumps(index))
+        except UserError as e:  # a read-only folder: prepared again next time
+            log.warning("%s; the check is not kept", e)
+        return index
+
+    def _image_root(self) -> Path:
+        if not self.resized_cache:
+            return self.root
+        self.preprocessing()
+        assert self.resize_size is not None  # set just above
+        return resized_copy(self.root, [item["path"] for item in self._index()["items"]], self.resize_size)
+
+    # --- the split ------------------------------------------------------------------------------------
+    def load_raw(self) -> dict[str, RawSplit]:
+        items = self._index()["items"]
+        if max(Counter(item["label"] for item in items).values()) < 2:
+            raise UserError(
+                f"every class of {self.source} has a single image; a class needs two at least (an image to find "
+                "and another to find it with): add images"
+            )
+        self._assignment = self._split_of_classes(items)
+        if self._stored is not None:
+            self._class_ids = dict(self._stored["class_ids"])
+            new = sorted({item["label"] for item in items} - set(self._assignment))
+            if new:
+                log.warning(
+                    "%s has %d class(es) the checkpoint's run did not have (e.g. %s): left out, the run's split "
+                    "is kept",
+                    self.source,
+                    len(new),
+                    ", ".join(repr(name) for name in new[:3]),
+                )
+                items = [item for item in items if item["label"] in self._assignment]
+        else:
+            names = sorted({item["label"] for item in items}, key=_natural)
+            self._class_ids = {name: i for i, name in enumerate(names)}
+        by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+        for item in items:
+            split = self._assignment[item["label"]]
+            if split in by_split:
+                by_split[split].append(item)
+        self._report_duplicates(by_split)
+        by_split["train"] = self._enough_for_training(by_split["train"])
+        for split in ("val", "test"):
+            by_split[split] = self._retrievable(by_split[split], split)
+        images = self._image_root()
+        raw = {}
+        for split, members in by_split.items():
+            if split == "val" and not members:
+                continue
+            roles = _roles(members, split, self.source) if split == "test" else None
+            raw[split] = RawSplit(
+                ImageFiles(images, [m["path"] for m in members]),
+                torch.tensor([self._class_ids[m["label"]] for m in members], dtype=torch.long),
+                roles=roles,
+            )
+        return raw
+
+    def _split_of_classes(self, items: list[dict[str, Any]]) -> dict[str, str]:
+        classes = sorted({item["label"] for item in items})
+        if self._stored is not None:  # a checkpoint's: the run's split, whatever the settings say now
+            stored = self._stored["split"]
+            missing = sorted(set(stored) - set(classes))
+            if missing:
+                raise UserError(
+                    f"{self.source} no longer has classes the checkpoint was trained and tested with "
+                    f"({', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}); give the data "
+                    "the run used"
+                )
+            return stored
+        given = _given_split(items, self.source)
+        if self.split_file is not None:
+            if given:
+                raise UserError(
+                    f"{self.source} has a split column and dataset.split_file={self.split_file} is set: keep one"
+                )
+            given = read_split_file(self.split_file)
+            unknown = sorted(set(given) - set(classes))
+            if unknown:
+                raise UserError(
+                    f"dataset.split_file={self.split_file} names classes {self.source} does not have: "
+                    f"{', '.join(map(repr, unknown[:5]))}{' ...' if len(unknown) > 5 else ''}"
+                )
+            unplaced = sorted(set(classes) - set(given))
+            if unplaced:
+                raise UserError(
+                    f"dataset.split_file={self.split_file} does not place classes "
+                    f"{', '.join(map(repr, unplaced[:5]))}{' ...' if len(unplaced) > 5 else ''}: give every class "
+                    "a split"
+                )
+        if given:
+            if self.val_classes and "val" in given.values():
+                raise UserError(
+                    f"the split of {self.source} already names val classes; set dataset.val_classes=0"
+                )
+            if "train" not in given.values() or "test" not in given.values():
+                raise UserError(f"the split of {self.source} needs train and test classes")
+            return given
+        return choose_classes(classes, self.test_classes, self.val_classes, self.split_seed, str(self.source))
+
+    def _enough_for_training(self, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The training items of classes with enough images for a batch's share (K, or 2 for pairs)."""
+        need = self.samples_per_class if self.sampler == "class_balanced" else 2
+        counts = Counter(m["label"] for m in members)
+        small = {name for name, count in counts.items() if count < need}
+        if small:
+            log.warning(
+                "%s: %d training class(es) have fewer than %d images (e.g. %s) and are left out of training",
+                self.source,
+                len(small),
+                need,
+                ", ".join(repr(name) for name in sorted(small)[:3]),
+            )
+            for name in small:
+                self._assignment[name] = "dropped"
+        kept = [m for m in members if m["label"] not in small]
+        classes = len(counts) - len(small)
+        per_batch = self.batch_size // self.samples_per_class if self.sampler == "class_balanced" else 2
+        if classes < max(per_batch, 2):
+            raise UserError(
+                f"{self.source}: {classes} training class(es) have at least {need} images, but a batch needs "
+                f"{max(per_batch, 2)} (dataset.batch_size={self.batch_size}, samples_per_class="
+                f"{self.samples_per_class}); add images, lower dataset.samples_per_class or dataset.batch_size, "
+                "or give more classes to training"
+            )
+        return kept
+
+    def _retrievable(self, members: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+        """Without roles, each item queries the others: a class of one image has nothing to retrieve."""
+        if any(m.get("role") is not None for m in members):
+            return members
+        counts = Counter(m["label"] for m in members)
+        alone = {name for name, count in counts.items() if count < 2}
+        if alone:
+            log.warning(
+                "%s: %d %s class(es) have a single image (e.g. %s): left out, a query needs another image of "
+                "its class",
+                self.source,
+                len(alone),
+                split,
+                ", ".join(repr(name) for name in sorted(alone)[:3]),
+            )
+            for name in alone:
+                self._assignment[name] = "dropped"
+        kept = [m for m in members if m["label"] not in alone]
+        if split == "test" and not kept:
+            raise UserError(f"{self.source}: no test class has two images or more; add images to them")
+        return kept
+
+    def _report_duplicates(self, by_split: dict[str, list[dict[str, Any]]]) -> None:
+        seen = {m["hash"]: m["path"] for m in by_split["train"]}
+        same = [
+            (seen[m["hash"]], m["path"])
+            for split in ("val", "test")
+            for m in by_split[split]
+            if m["hash"] in seen
+        ]
+        if same:
+            log.warning(
+                "%s: %d image(s) of the evaluation classes have the same content as training images (e.g. %s); "
+                "they inflate the results: remove the copies",
+                self.source,
+                len(same),
+                "; ".join(f"{a} = {b}" for a, b in same[:3]),
+            )
+
+    # --- with the run ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The split (class -> train, val, test or dropped) and the class ids: saved in every checkpoint."""
+        return (
+            {"split": dict(self._assignment), "class_ids": dict(self._class_ids)} if self._assignment else {}
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Read the classes as a checkpoint's run did (call before :meth:`setup`)."""
+        if state_dict:
+            self._stored = {"split": dict(state_dict["split"]), "class_ids": dict(state_dict["class_ids"])}
+
+    def split_description(self) -> dict[str, Any]:
+        """What ``split.json`` in a run folder says: each split's classes, and the class ids."""
+        self._read()
+        return {
+            "source": str(self.source),
+            "classes": {
+                split: sorted((n for n, s in self._assignment.items() if s == split), key=_natural)
+                for split in (*SPLITS, "dropped")
+            },
+            "class_ids": self._class_ids,
+        }
+
+
+def _natural(name: str) -> tuple[int, int | str]:
+    """Numbers in numeric order, then names."""
+    return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
+
+
+def _given_split(items: list[dict[str, Any]], source: Path) -> dict[str, str]:
+    """The split the items carry (a table's column), per class; empty when they carry none."""
+    out: dict[str, str] = {}
+    for item in items:
+        if item.get("split") is None:
+            continue
+        previous = out.setdefault(item["label"], item["split"])
+        if previous != item["split"]:
+            raise UserError(
+                f"{source} puts class {item['label']!r} in both {previous} and {item['split']} (e.g. "
+                f"{item['path']}); the splits must be class-disjoint"
+            )
+    if out and len(out) != len({item["label"] for item in items}):
+        raise UserError(f"{source}: some rows have a split and others none; give every row a split")
+    return out
+
+
+def _roles(members: list[dict[str, Any]], split: str, source: Path) -> torch.Tensor | None:
+    """The query (0) / gallery (1) roles of a split's items, or None when each item queries the others."""
+    roles = [m.get("role") for m in members]
+    if all(r is None for r in roles) or all(r == 2 for r in roles):
+        return None
+    if any(r is None or r == 2 for r in roles):
+        raise UserError(
+            f"{source}: the {split} rows mix query-only or gallery-only items with items that are both (or "
+            "unmarked); give each row exactly one of is_query / is_gallery, or mark them all as both"
+        )
+    return torch.tensor(roles, dtype=torch.long)
+
+
+def stamp_of(parts: list[Any]) -> str:
+    """A short digest of what an index was made from."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
