@@ -25,6 +25,14 @@ import torch
 from rich.progress import track
 
 from dml.data.datasets.benchmark import FileBenchmark, ImageFiles
+from dml.data.datasets.class_split import (
+    SPLITS,
+    choose_classes,
+    given_split,
+    natural_order,
+    read_split_file,
+    roles_of,
+)
 from dml.data.preparation import check_image, resized_copy
 from dml.data.splits import RawSplit
 from dml.errors import UserError
@@ -33,7 +41,6 @@ from dml.log import get_logger
 
 log = get_logger(__name__)
 
-SPLITS = ("train", "val", "test")
 INDEX_FORMAT = "dml custom index 1"
 
 
@@ -46,77 +53,6 @@ class Item:
     label: str
     split: str | None = None
     role: int | None = None
-
-
-def choose_classes(
-    classes: list[str], test_classes: float, val_classes: int, seed: int, source: str
-) -> dict[str, str]:
-    """Class name -> ``train``, ``val`` or ``test``: ``test_classes`` (a share below 1, or a count) of the
-    classes drawn for test, then ``val_classes`` of the rest for validation, by a generator seeded with
-    ``seed`` (the same split for the same classes and seed).
-
-    Raises:
-        UserError: the draw would leave a split without classes.
-    """
-    n = len(classes)
-    if n < 2:
-        raise UserError(
-            f"{source} has {n} class{'' if n == 1 else 'es'}; metric learning needs at least 2 (one to train "
-            "on, one to test on): add classes"
-        )
-    count = round(test_classes * n) if 0 < test_classes < 1 else int(test_classes)
-    if not 1 <= count <= n - 1 - val_classes:
-        raise UserError(
-            f"dataset.test_classes={test_classes} holds out {count} of the {n} classes of {source} for test "
-            f"(and dataset.val_classes={val_classes} for validation); it must leave at least one for each "
-            f"split: choose a share in (0, 1) or a count from 1 to {n - 1 - val_classes}"
-        )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    ranked = [sorted(classes)[i] for i in order]
-    split = {name: "test" for name in ranked[:count]}
-    split |= {name: "val" for name in ranked[count : count + val_classes]}
-    return split | {name: "train" for name in ranked[count + val_classes :]}
-
-
-def read_split_file(path: Path) -> dict[str, str]:
-    """A split file: JSON ``{"class": "train" | "val" | "test"}``, or CSV with a header ``class,split``.
-
-    Raises:
-        UserError: the file is missing or malformed, or names another split.
-    """
-    import csv
-
-    if not path.is_file():
-        raise UserError(
-            f"dataset.split_file={path} does not exist; give a JSON or CSV file of class -> split"
-        )
-    try:
-        if path.suffix.lower() == ".json":
-            mapping = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(mapping, dict):
-                raise ValueError("not an object of class names")
-            pairs = [(str(k), str(v)) for k, v in mapping.items()]
-        else:
-            with path.open(newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-            if rows and not {"class", "split"} <= set(rows[0]):
-                raise ValueError(f"its header is {list(rows[0])}, not class,split")
-            pairs = [(row["class"], row["split"]) for row in rows]
-    except (ValueError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(
-            f'dataset.split_file={path} cannot be read ({e}); write JSON {{"class name": "train"}} or a CSV '
-            "with the header class,split"
-        ) from e
-    out: dict[str, str] = {}
-    for name, split in pairs:
-        if split not in SPLITS:
-            raise UserError(f"{path}: class {name!r} is put in {split!r}; the splits are {', '.join(SPLITS)}")
-        if out.get(name, split) != split:
-            raise UserError(
-                f"{path} puts class {name!r} in both {out[name]} and {split}; a class has one split"
-            )
-        out[name] = split
-    return out
 
 
 class CustomImages(FileBenchmark):
@@ -249,7 +185,7 @@ class CustomImages(FileBenchmark):
                 )
                 items = [item for item in items if item["label"] in self._assignment]
         else:
-            names = sorted({item["label"] for item in items}, key=_natural)
+            names = sorted({item["label"] for item in items}, key=natural_order)
             self._class_ids = {name: i for i, name in enumerate(names)}
         by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
         for item in items:
@@ -265,7 +201,7 @@ class CustomImages(FileBenchmark):
         for split, members in by_split.items():
             if split == "val" and not members:
                 continue
-            roles = _roles(members, split, self.source) if split == "test" else None
+            roles = roles_of(members, split, self.source) if split == "test" else None
             raw[split] = RawSplit(
                 ImageFiles(images, [m["path"] for m in members]),
                 torch.tensor([self._class_ids[m["label"]] for m in members], dtype=torch.long),
@@ -285,7 +221,7 @@ class CustomImages(FileBenchmark):
                     "the run used"
                 )
             return stored
-        given = _given_split(items, self.source)
+        given = given_split(items, self.source)
         if self.split_file is not None:
             if given:
                 raise UserError(
@@ -399,46 +335,11 @@ class CustomImages(FileBenchmark):
         return {
             "source": str(self.source),
             "classes": {
-                split: sorted((n for n, s in self._assignment.items() if s == split), key=_natural)
+                split: sorted((n for n, s in self._assignment.items() if s == split), key=natural_order)
                 for split in (*SPLITS, "dropped")
             },
             "class_ids": self._class_ids,
         }
-
-
-def _natural(name: str) -> tuple[int, int | str]:
-    """Numbers in numeric order, then names."""
-    return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
-
-
-def _given_split(items: list[dict[str, Any]], source: Path) -> dict[str, str]:
-    """The split the items carry (a table's column), per class; empty when they carry none."""
-    out: dict[str, str] = {}
-    for item in items:
-        if item.get("split") is None:
-            continue
-        previous = out.setdefault(item["label"], item["split"])
-        if previous != item["split"]:
-            raise UserError(
-                f"{source} puts class {item['label']!r} in both {previous} and {item['split']} (e.g. "
-                f"{item['path']}); the splits must be class-disjoint"
-            )
-    if out and len(out) != len({item["label"] for item in items}):
-        raise UserError(f"{source}: some rows have a split and others none; give every row a split")
-    return out
-
-
-def _roles(members: list[dict[str, Any]], split: str, source: Path) -> torch.Tensor | None:
-    """The query (0) / gallery (1) roles of a split's items, or None when each item queries the others."""
-    roles = [m.get("role") for m in members]
-    if all(r is None for r in roles) or all(r == 2 for r in roles):
-        return None
-    if any(r is None or r == 2 for r in roles):
-        raise UserError(
-            f"{source}: the {split} rows mix query-only or gallery-only items with items that are both (or "
-            "unmarked); give each row exactly one of is_query / is_gallery, or mark them all as both"
-        )
-    return torch.tensor(roles, dtype=torch.long)
 
 
 def stamp_of(parts: list[Any]) -> str:
