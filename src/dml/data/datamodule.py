@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from dml.data.ahead import DecodeAhead, Prefetched
 from dml.data.decoding import fallbacks
 from dml.data.fast_path import PIPELINES, BatchTransform, EncodedBatch, EncodedCollate
 from dml.data.preprocessing import Preprocessing
@@ -46,6 +47,8 @@ class RetrievalDataModule(L.LightningDataModule):
         pipeline: ``classic`` (decode and augment in the loader workers), ``fast`` (the workers read
             encoded bytes; decode and augment batched on the device, see :mod:`dml.data.fast_path`) or
             ``auto`` (fast when training on a GPU from image files).
+        decode_ahead: on the fast path, decode and transform the next training batches in a thread while
+            the step runs (:mod:`dml.data.ahead`); ``auto``: on a GPU.
         seed: seed of the batch sampler.
         recall_ks: the K of Recall@K in this benchmark's protocol.
     """
@@ -67,6 +70,7 @@ class RetrievalDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         pipeline: str = "classic",
+        decode_ahead: bool | str = "auto",
         seed: int = 0,
         recall_ks: Sequence[int] = (1, 2, 4, 8),
     ):
@@ -81,6 +85,9 @@ class RetrievalDataModule(L.LightningDataModule):
                 "files); use dataset.pipeline=classic"
             )
         self.pipeline = pipeline
+        if decode_ahead not in (True, False, "auto"):
+            raise UserError(f"dataset.decode_ahead={decode_ahead!r} must be true, false or auto")
+        self.decode_ahead = decode_ahead
         self._batch_transform: BatchTransform | None = None
         if sampler == "class_balanced" and (samples_per_class < 1 or batch_size % samples_per_class):
             raise UserError(
@@ -301,7 +308,23 @@ class RetrievalDataModule(L.LightningDataModule):
                 num_replicas=world,
                 rank=rank,
             )
-        return self._loader(self.splits["train"], batch_sampler=sampler, train=True)
+        loader = self._loader(self.splits["train"], batch_sampler=sampler, train=True)
+        device = self._device()
+        if self._batch_transform is None or not (
+            self.decode_ahead is True or (self.decode_ahead == "auto" and device.type == "cuda")
+        ):
+            return loader
+        transform = self._batch_transform
+        return cast(
+            DataLoader,
+            DecodeAhead(
+                loader, lambda batch: transform(batch, device, self.augmentation_generator()), device
+            ),
+        )
+
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def eval_loader(self, data: str | Dataset, batch_size: int | None = None) -> DataLoader:
         """Batches of a split (by name) or of a subset of one, in order, for evaluating or embedding; on the
@@ -347,11 +370,15 @@ class RetrievalDataModule(L.LightningDataModule):
         """Fast path: decode and augment the batch's encoded images on the device its labels went to,
         drawing the augmentation from :meth:`augmentation_generator`; then the trainer's precision
         converts them as it does classic batches (bf16-true)."""
-        if not isinstance(batch[0], EncodedBatch):
+        if isinstance(batch[0], Prefetched):  # decoded ahead, on the input stream
+            images = batch[0].images_on_current_stream()
+        elif isinstance(batch[0], EncodedBatch):
+            encoded = batch[0]
+            generator = self.augmentation_generator() if encoded.train else None
+            images = self.decode(encoded, batch[1].device, generator)
+        else:
             return batch
-        encoded, labels, positions = batch
-        generator = self.augmentation_generator() if encoded.train else None
-        images = self.decode(encoded, labels.device, generator)
+        labels, positions = batch[1], batch[2]
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             images = trainer.precision_plugin.convert_input(images)
