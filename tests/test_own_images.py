@@ -81,7 +81,7 @@ def test_a_split_file_places_every_class(tmp_path):
     assert from_csv.split_description()["classes"] == classes
 
 
-def test_small_classes_leave_training_and_singletons_leave_evaluation(tmp_path, caplog):
+def test_small_classes_leave_training_and_singletons_leave_every_split(tmp_path, caplog):
     root = tmp_path / "data"
     make_folder(root, CLASSES[:6])
     make_folder(root, ["tiny one"], per_class=1, start=900)
@@ -160,8 +160,10 @@ def test_a_table_in_open_metric_learning_s_format_evaluates_queries_against_the_
     files = make_folder(tmp_path / "images")
     test = CLASSES[:3]
     table = make_table(tmp_path / "images" / "df.csv", oml_rows(files, test))
-    metrics = train(run_config(tmp_path, "dataset=table", f"dataset.table={table}", "trainer.max_epochs=1"))
+    train(run_config(tmp_path, "dataset=table", f"dataset.table={table}", "trainer.max_epochs=1"))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    # evaluate.py's figure, against a brute force over the vectors embed.py writes (the Embedder's)
+    metrics = evaluate(compose([f"ckpt_path={ckpt}"], name="evaluate", output_dir=tmp_path / "evaluation"))
     embedder = Embedder.from_checkpoint(ckpt, device="cpu")
     split = embedder.require_dataset("the test").splits["test"]
     roles = split.roles
@@ -368,3 +370,117 @@ def test_a_bad_folder_stops_train_py_with_one_message_and_no_traceback(tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout
     assert "has 1 class; metric learning needs at least 2" in done.stderr
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_val_classes_are_drawn_from_a_given_split_s_training_classes(tmp_path):
+    files = make_folder(tmp_path / "images")
+    rows = [
+        {"path": path, "label": name, "split": "test" if name in CLASSES[:2] else "train"}
+        for name, paths in files.items()
+        for path in paths
+    ]
+    table = make_table(tmp_path / "images" / "t.csv", rows)
+    cfg = run_config(tmp_path, "dataset=table", f"dataset.table={table}", "dataset.val_classes=2")
+    datamodule = prepared(cfg.dataset)
+    classes = datamodule.split_description()["classes"]
+    assert len(classes["val"]) == 2 and set(classes["val"]) <= set(CLASSES[2:])
+    assert set(classes["test"]) == set(CLASSES[:2]) and len(classes["train"]) == 4
+    assert class_names(datamodule, "val") == set(classes["val"])  # what split.json says is what is used
+    assert datamodule.num_train_classes == datamodule.splits["train"].num_classes == 4
+
+
+def test_the_resized_copy_takes_the_backbone_s_size_and_follows_the_folder(tmp_path):
+    from dml.builders import build_data_and_module
+
+    root = tmp_path / "data"
+    files = make_folder(root)
+    cfg = run_config(
+        tmp_path,
+        "dataset=folder",
+        f"dataset.root={root}",
+        "dataset.resized_cache=true",
+        "dataset.image_size=null",
+        "dataset.resize_size=null",
+        "dataset.mean=null",
+        "dataset.std=null",
+    )
+    datamodule, module = build_data_and_module(cfg)
+    config = module.backbone.data_config
+    assert tuple(datamodule.mean) == tuple(config["mean"])  # counting the classes resolved nothing early
+    datamodule.setup("fit")
+    copy = root / f".dml_resized_{datamodule.resize_size}"
+    assert (copy / "complete.json").is_file()
+    name = datamodule.split_description()["classes"]["train"][0]
+    renamed = root / name / "renamed.jpg"
+    (root / files[name][0]).rename(renamed)
+    again, _ = build_data_and_module(
+        run_config(
+            tmp_path,
+            "dataset=folder",
+            f"dataset.root={root}",
+            "dataset.resized_cache=true",
+            "dataset.image_size=null",
+            "dataset.resize_size=null",
+            "dataset.mean=null",
+            "dataset.std=null",
+        )
+    )
+    again.setup("fit")
+    assert (copy / name / "renamed.jpg").is_file()
+    assert len(again.splits["train"]) == len(datamodule.splits["train"])
+    images = again.splits["train"]
+    assert all((images.source.root / p).is_file() for p in images.source.paths)
+
+
+def test_a_broken_link_is_named_as_unreadable(tmp_path):
+    make_folder(tmp_path / "d")
+    (tmp_path / "d" / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(Exception) as caught:  # Hydra wraps what the constructor raises
+        folder_module(tmp_path / "d", tmp_path)
+    error = find_user_error(caught.value)
+    assert error is not None and "gone.jpg" in str(error) and "skip_bad_images" in str(error)
+
+
+def test_a_class_dropped_by_the_run_may_leave_the_folder(tmp_path):
+    root = tmp_path / "data"
+    make_folder(root)
+    make_folder(root, ["lonely"], per_class=1, start=900)
+    train(run_config(tmp_path, "dataset=folder", f"dataset.root={root}", "trainer.max_epochs=1"))
+    assert "lonely" in json.loads((tmp_path / "run" / "split.json").read_text())["classes"]["dropped"]
+    shutil.rmtree(root / "lonely")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert (
+        Embedder.from_checkpoint(ckpt, device="cpu").embed_split("test", progress=False).vectors.shape[0] > 0
+    )
+
+
+def test_open_metric_learning_s_variants_read_as_they_mean(tmp_path, caplog):
+    files = make_folder(tmp_path / "images")
+    rows = oml_rows(files, CLASSES[:3])
+    for row in rows:  # pandas writes booleans with missing values as floats
+        row["is_query"] = {True: "1.0", False: "0.0"}.get(row["is_query"], "")
+        row["is_gallery"] = {True: "1.0", False: "0.0"}.get(row["is_gallery"], "")
+        row |= {"x_1": 0, "y_1": 0, "x_2": 5, "y_2": 5}
+    table = make_table(tmp_path / "images" / "df.csv", rows)
+    datamodule = prepared(run_config(tmp_path, "dataset=table", f"dataset.table={table}").dataset)
+    assert "bounding boxes" in caplog.text
+    assert int((datamodule.splits["test"].roles == 0).sum()) == 6
+    split_csv = tmp_path / "split.csv"  # a spreadsheet's CSV starts with a byte-order mark
+    split_csv.write_text(
+        "class,split\n" + "".join(f"{c},{'test' if i < 2 else 'train'}\n" for i, c in enumerate(CLASSES)),
+        encoding="utf-8-sig",
+    )
+    folder = folder_module(tmp_path / "images", tmp_path, f"dataset.split_file={split_csv}")
+    assert set(folder.split_description()["classes"]["test"]) == set(CLASSES[:2])
+
+
+def test_whole_float_labels_of_a_parquet_table_are_whole_numbers(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from dml.data.datasets.table import read_rows
+
+    pq.write_table(
+        pyarrow.Table.from_pylist([{"path": "a.jpg", "label": 3.0, "is_query": None}]), tmp_path / "t.parquet"
+    )
+    assert read_rows(tmp_path / "t.parquet") == [(2, {"path": "a.jpg", "label": "3", "is_query": None})]

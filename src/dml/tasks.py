@@ -195,6 +195,8 @@ def _evaluate_checkpoint(cfg: DictConfig, ckpt_path: Path) -> dict[str, float]:
     if any(k.startswith("paths.") for k in keys) and not {"dataset", "dataset.root"} & set(keys):
         _move_data_root(run_cfg, cfg)
     without_pretrained_weights(run_cfg)  # a backbone=... override brings its pretrained: true back
+    if "dataset" in keys:  # another dataset: its own split, not the one the run kept
+        data_state = {}
     L.seed_everything(run_cfg.get("seed", 0), workers=True)
     datamodule, module = build_data_and_module(run_cfg, data_state)
     try:

@@ -56,6 +56,7 @@ class RetrievalDataModule(L.LightningDataModule):
     name = "base"
     has_fast_path = False  # subclasses that implement encoded()
     fast_by_default = False  # pipeline=auto takes the fast path on a GPU (image files, not in-memory data)
+    draws_val_classes = False  # the reader draws the val_classes itself (a raw "val" split), not the base
 
     def __init__(
         self,
@@ -163,7 +164,7 @@ class RetrievalDataModule(L.LightningDataModule):
     def _partition(self, train: RawSplit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Positions in the raw training split: (training, validation, held out)."""
         classes = torch.unique(train.class_ids)
-        if "val" in self._read():  # the reader drew the validation classes itself
+        if self.draws_val_classes:
             val_set = classes[:0]
         elif self.val_classes < 0 or self.val_classes >= len(classes):
             raise UserError(
@@ -309,22 +310,18 @@ class RetrievalDataModule(L.LightningDataModule):
                 rank=rank,
             )
         loader = self._loader(self.splits["train"], batch_sampler=sampler, train=True)
-        device = self._device()
-        if self._batch_transform is None or not (
-            self.decode_ahead is True or (self.decode_ahead == "auto" and device.type == "cuda")
+        trainer, transform = getattr(self, "trainer", None), self._batch_transform
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if (
+            transform is None
+            or self.decode_ahead is False
+            or (self.decode_ahead == "auto" and device.type != "cuda")
         ):
             return loader
-        transform = self._batch_transform
-        return cast(
-            DataLoader,
-            DecodeAhead(
-                loader, lambda batch: transform(batch, device, self.augmentation_generator()), device
-            ),
+        ahead = DecodeAhead(
+            loader, lambda batch: transform(batch, device, self.augmentation_generator()), device
         )
-
-    def _device(self) -> torch.device:
-        trainer = getattr(self, "trainer", None)
-        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return cast(DataLoader, ahead)
 
     def eval_loader(self, data: str | Dataset, batch_size: int | None = None) -> DataLoader:
         """Batches of a split (by name) or of a subset of one, in order, for evaluating or embedding; on the

@@ -233,14 +233,18 @@ def index_cache_path(root: Path) -> Path:
     return cache_path("index", root) / INDEX_NAME
 
 
-def resized_copy(root: Path, paths: list[str], short_side: int, quality: int = 90) -> Path:
+def resized_copy(
+    root: Path, paths: list[str], short_side: int, quality: int = 90, key: str | None = None
+) -> Path:
     """A one-time copy of the images ``paths`` (relative to ``root``) with their shorter side brought down
     to ``short_side`` (RGB, JPEG quality ``quality``; smaller ones are copied as they are): the fast
     path's smaller, faster-to-decode files. Kept in ``root/.dml_resized_<short_side>``, or under
     :func:`cache_path` when ``root`` is read-only; files are written atomically, so a stopped copy goes
-    on where it stopped, and ``complete.json`` marks a finished one. Returns the copy's folder.
+    on where it stopped, and ``complete.json`` marks a finished one. ``key``: a stamp of the images (a
+    user's folder, which changes): another key brings the copy up to date, every image newer than its
+    copy copied again. Returns the copy's folder.
     """
-    settings = {"images": len(paths), "short_side": short_side, "quality": quality}
+    settings = {"images": len(paths), "short_side": short_side, "quality": quality, "key": key}
     for folder in (root / f".dml_resized_{short_side}", cache_path("resized", root) / str(short_side)):
         marker = folder / "complete.json"
         with contextlib.suppress(OSError, json.JSONDecodeError):
@@ -259,7 +263,7 @@ def resized_copy(root: Path, paths: list[str], short_side: int, quality: int = 9
         )
         for rel in paths:
             out = folder / rel
-            if out.is_file():
+            if out.is_file() and (key is None or out.stat().st_mtime_ns >= (root / rel).stat().st_mtime_ns):
                 continue
             with Image.open(root / rel) as image:  # read before the write starts: its errors are the file's
                 scale = short_side / min(image.size)

@@ -39,11 +39,17 @@ def choose_classes(
             f"(and dataset.val_classes={val_classes} for validation); it must leave at least one for each "
             f"split: choose a share in (0, 1) or a count from 1 to {n - 1 - val_classes}"
         )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    ranked = [sorted(classes)[i] for i in order]
+    ranked = shuffled(classes, seed)
     split = {name: "test" for name in ranked[:count]}
     split |= {name: "val" for name in ranked[count : count + val_classes]}
     return split | {name: "train" for name in ranked[count + val_classes :]}
+
+
+def shuffled(classes: list[str], seed: int) -> list[str]:
+    """The classes in an order drawn by a generator seeded with ``seed`` (the same for the same set)."""
+    order = torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed)).tolist()
+    names = sorted(classes)
+    return [names[i] for i in order]
 
 
 def read_split_file(path: Path) -> dict[str, str]:
@@ -58,12 +64,12 @@ def read_split_file(path: Path) -> dict[str, str]:
         )
     try:
         if path.suffix.lower() == ".json":
-            mapping = json.loads(path.read_text(encoding="utf-8"))
+            mapping = json.loads(path.read_text(encoding="utf-8-sig"))
             if not isinstance(mapping, dict):
                 raise ValueError("not an object of class names")
             pairs = [(str(k), str(v)) for k, v in mapping.items()]
         else:
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
                 rows = list(csv.DictReader(f))
             if rows and not {"class", "split"} <= set(rows[0]):
                 raise ValueError(f"its header is {list(rows[0])}, not class,split")

@@ -32,8 +32,9 @@ from dml.data.datasets.class_split import (
     natural_order,
     read_split_file,
     roles_of,
+    shuffled,
 )
-from dml.data.preparation import check_image, resized_copy
+from dml.data.preparation import cache_path, check_image, resized_copy
 from dml.data.splits import RawSplit
 from dml.errors import UserError
 from dml.io import write_atomic
@@ -68,7 +69,7 @@ class CustomImages(FileBenchmark):
             drawn from the training classes (seeded), not taken from the end.
     """
 
-    source_kind = "data"  # what the messages call it
+    draws_val_classes = True  # val_classes drawn here, seeded, with the test classes
 
     def __init__(
         self,
@@ -89,6 +90,7 @@ class CustomImages(FileBenchmark):
         self._assignment: dict[str, str] = {}
         self._class_ids: dict[str, int] = {}
         self._prepared: dict[str, Any] | None = None
+        self._split_members: dict[str, list[dict[str, Any]]] | None = None
 
     # --- for subclasses -------------------------------------------------------------------------------
     def list_items(self) -> tuple[list[Item], str]:
@@ -124,12 +126,13 @@ class CustomImages(FileBenchmark):
             raise UserError(
                 f"{self.source} holds no images; see docs/own-images.md for the layouts dml reads"
             )
-        try:
-            index = json.loads(self.index_path.read_text(encoding="utf-8"))
+        for path in self._index_places():
+            try:
+                index = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
             if index.get("format") == INDEX_FORMAT and index.get("stamp") == stamp:
                 return index
-        except (OSError, json.JSONDecodeError):
-            pass
         bad, hashes = [], {}
         for item in track(
             items, description=f"checking {len(items)} images of {self.source}", transient=True
@@ -150,43 +153,68 @@ class CustomImages(FileBenchmark):
             log.warning("%s: left out %d missing or unreadable image(s)", self.source, len(bad))
         kept = [asdict(item) | {"hash": hashes[item.path]} for item in items if item.path in hashes]
         index = {"format": INDEX_FORMAT, "stamp": stamp, "skipped_images": len(bad), "items": kept}
-        try:
-            write_atomic(self.index_path, json.dumps(index))
-        except UserError as e:  # a read-only folder: prepared again next time
-            log.warning("%s; the check is not kept", e)
+        for path in self._index_places():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, json.dumps(index))
+                break
+            except (OSError, UserError) as e:  # a read-only folder: the cache keeps it
+                log.info("cannot write the index %s (%s)", path, e)
+        else:
+            log.warning(
+                "%s: the index could not be written anywhere; it is checked again next time", self.source
+            )
         return index
 
+    def _index_places(self) -> list[Path]:
+        """Where the index goes: beside the data, else (read-only data) under ``$DML_CACHE``."""
+        return [self.index_path, cache_path("index", self.source) / self.index_path.name]
+
     def _image_root(self) -> Path:
+        """The folder the images are read from: called when the splits are built, once the backbone has
+        filled the preprocessing (the resized copy's size is its resize)."""
         if not self.resized_cache:
             return self.root
         self.preprocessing()
         assert self.resize_size is not None  # set just above
-        return resized_copy(self.root, [item["path"] for item in self._index()["items"]], self.resize_size)
+        index = self._index()
+        paths = [item["path"] for item in index["items"]]
+        return resized_copy(self.root, paths, self.resize_size, key=index["stamp"])
 
     # --- the split ------------------------------------------------------------------------------------
+    def training_classes(self) -> int:
+        return len({m["label"] for m in self._members()["train"]})
+
     def load_raw(self) -> dict[str, RawSplit]:
+        images, raw = self._image_root(), {}
+        for split, members in self._members().items():
+            if split == "val" and not members:
+                continue
+            raw[split] = RawSplit(
+                ImageFiles(images, [m["path"] for m in members]),
+                torch.tensor([self._class_ids[m["label"]] for m in members], dtype=torch.long),
+                roles=roles_of(members, split, self.source) if split == "test" else None,
+            )
+        return raw
+
+    def _members(self) -> dict[str, list[dict[str, Any]]]:
+        """The items of train, val and test, once: classes placed, and those that cannot serve dropped."""
+        if self._split_members is not None:
+            return self._split_members
         items = self._index()["items"]
-        if max(Counter(item["label"] for item in items).values()) < 2:
+        counts = Counter(item["label"] for item in items)
+        if max(counts.values()) < 2:
             raise UserError(
                 f"every class of {self.source} has a single image; a class needs two at least (an image to find "
                 "and another to find it with): add images"
             )
-        self._assignment = self._split_of_classes(items)
         if self._stored is not None:
-            self._class_ids = dict(self._stored["class_ids"])
-            new = sorted({item["label"] for item in items} - set(self._assignment))
-            if new:
-                log.warning(
-                    "%s has %d class(es) the checkpoint's run did not have (e.g. %s): left out, the run's split "
-                    "is kept",
-                    self.source,
-                    len(new),
-                    ", ".join(repr(name) for name in new[:3]),
-                )
-                items = [item for item in items if item["label"] in self._assignment]
+            self._assignment, self._class_ids = self._stored_split(items)
+            items = [item for item in items if item["label"] in self._assignment]
         else:
-            names = sorted({item["label"] for item in items}, key=natural_order)
+            names = sorted(counts, key=natural_order)
             self._class_ids = {name: i for i, name in enumerate(names)}
+            self._assignment = self._split_of_classes(items, {n for n, c in counts.items() if c < 2})
         by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
         for item in items:
             split = self._assignment[item["label"]]
@@ -194,33 +222,48 @@ class CustomImages(FileBenchmark):
                 by_split[split].append(item)
         self._report_duplicates(by_split)
         by_split["train"] = self._enough_for_training(by_split["train"])
-        for split in ("val", "test"):
-            by_split[split] = self._retrievable(by_split[split], split)
-        images = self._image_root()
-        raw = {}
-        for split, members in by_split.items():
-            if split == "val" and not members:
-                continue
-            roles = roles_of(members, split, self.source) if split == "test" else None
-            raw[split] = RawSplit(
-                ImageFiles(images, [m["path"] for m in members]),
-                torch.tensor([self._class_ids[m["label"]] for m in members], dtype=torch.long),
-                roles=roles,
-            )
-        return raw
+        if not by_split["test"]:
+            raise UserError(f"{self.source}: no test class has two images or more; add images to them")
+        if self.val_classes and not by_split["val"]:
+            raise UserError(f"{self.source}: no validation class has two images or more; add images to them")
+        self._split_members = by_split
+        return by_split
 
-    def _split_of_classes(self, items: list[dict[str, Any]]) -> dict[str, str]:
-        classes = sorted({item["label"] for item in items})
-        if self._stored is not None:  # a checkpoint's: the run's split, whatever the settings say now
-            stored = self._stored["split"]
-            missing = sorted(set(stored) - set(classes))
-            if missing:
-                raise UserError(
-                    f"{self.source} no longer has classes the checkpoint was trained and tested with "
-                    f"({', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}); give the data "
-                    "the run used"
-                )
-            return stored
+    def _stored_split(self, items: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, int]]:
+        """A checkpoint's split and class ids, checked against the data: the run's classes must be there
+        (those it left out need not); classes added since are left out."""
+        assert self._stored is not None
+        stored, classes = dict(self._stored["split"]), {item["label"] for item in items}
+        missing = sorted(name for name, split in stored.items() if split != "dropped" and name not in classes)
+        if missing:
+            raise UserError(
+                f"{self.source} no longer has classes the checkpoint was trained and tested with "
+                f"({', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}); give the data the run "
+                "used, or evaluate on other data with dataset=folder or dataset=table on the command line (a new "
+                "split is drawn)"
+            )
+        new = sorted(classes - set(stored))
+        if new:
+            log.warning(
+                "%s has %d class(es) the checkpoint's run did not have (e.g. %s): left out, the run's split is kept",
+                self.source,
+                len(new),
+                ", ".join(repr(name) for name in new[:3]),
+            )
+        return stored, dict(self._stored["class_ids"])
+
+    def _split_of_classes(self, items: list[dict[str, Any]], single: set[str]) -> dict[str, str]:
+        """Each class's split: given (a split file, the data's split column) or drawn; ``single``: the
+        classes of one image, which no split can use (a query needs another image of its class)."""
+        classes = sorted({item["label"] for item in items} - single)
+        if single:
+            log.warning(
+                "%s: %d class(es) have a single image (e.g. %s): left out, a class needs two",
+                self.source,
+                len(single),
+                ", ".join(repr(name) for name in sorted(single)[:3]),
+            )
+        dropped = dict.fromkeys(single, "dropped")
         given = given_split(items, self.source)
         if self.split_file is not None:
             if given:
@@ -228,7 +271,7 @@ class CustomImages(FileBenchmark):
                     f"{self.source} has a split column and dataset.split_file={self.split_file} is set: keep one"
                 )
             given = read_split_file(self.split_file)
-            unknown = sorted(set(given) - set(classes))
+            unknown = sorted(set(given) - set(classes) - single)
             if unknown:
                 raise UserError(
                     f"dataset.split_file={self.split_file} names classes {self.source} does not have: "
@@ -241,15 +284,25 @@ class CustomImages(FileBenchmark):
                     f"{', '.join(map(repr, unplaced[:5]))}{' ...' if len(unplaced) > 5 else ''}: give every class "
                     "a split"
                 )
-        if given:
-            if self.val_classes and "val" in given.values():
-                raise UserError(
-                    f"the split of {self.source} already names val classes; set dataset.val_classes=0"
-                )
-            if "train" not in given.values() or "test" not in given.values():
-                raise UserError(f"the split of {self.source} needs train and test classes")
-            return given
-        return choose_classes(classes, self.test_classes, self.val_classes, self.split_seed, str(self.source))
+        if not given:
+            return dropped | choose_classes(
+                classes, self.test_classes, self.val_classes, self.split_seed, str(self.source)
+            )
+        given = {name: split for name, split in given.items() if name not in single}
+        if self.val_classes and "val" in given.values():
+            raise UserError(
+                f"the split of {self.source} already names val classes; set dataset.val_classes=0"
+            )
+        train = [name for name, split in given.items() if split == "train"]
+        if not train or "test" not in given.values():
+            raise UserError(f"the split of {self.source} needs train and test classes")
+        if self.val_classes >= len(train):
+            raise UserError(
+                f"dataset.val_classes={self.val_classes} must be below the {len(train)} training classes that the "
+                f"split of {self.source} gives"
+            )
+        # validation classes drawn from the given training classes, as from a folder's
+        return dropped | given | dict.fromkeys(shuffled(train, self.split_seed)[: self.val_classes], "val")
 
     def _enough_for_training(self, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The training items of classes with enough images for a batch's share (K, or 2 for pairs)."""
@@ -276,28 +329,6 @@ class CustomImages(FileBenchmark):
                 f"{self.samples_per_class}); add images, lower dataset.samples_per_class or dataset.batch_size, "
                 "or give more classes to training"
             )
-        return kept
-
-    def _retrievable(self, members: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
-        """Without roles, each item queries the others: a class of one image has nothing to retrieve."""
-        if any(m.get("role") is not None for m in members):
-            return members
-        counts = Counter(m["label"] for m in members)
-        alone = {name for name, count in counts.items() if count < 2}
-        if alone:
-            log.warning(
-                "%s: %d %s class(es) have a single image (e.g. %s): left out, a query needs another image of "
-                "its class",
-                self.source,
-                len(alone),
-                split,
-                ", ".join(repr(name) for name in sorted(alone)[:3]),
-            )
-            for name in alone:
-                self._assignment[name] = "dropped"
-        kept = [m for m in members if m["label"] not in alone]
-        if split == "test" and not kept:
-            raise UserError(f"{self.source}: no test class has two images or more; add images to them")
         return kept
 
     def _report_duplicates(self, by_split: dict[str, list[dict[str, Any]]]) -> None:
@@ -331,7 +362,7 @@ class CustomImages(FileBenchmark):
 
     def split_description(self) -> dict[str, Any]:
         """What ``split.json`` in a run folder says: each split's classes, and the class ids."""
-        self._read()
+        self._members()
         return {
             "source": str(self.source),
             "classes": {

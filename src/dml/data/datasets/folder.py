@@ -34,7 +34,9 @@ class FolderDataModule(CustomImages):
                 f"dataset.root={self.root} is not a folder; give the folder that holds one subfolder of images "
                 "per class"
             )
-        items, listing, skipped = [], [], 0
+        items: list[Item] = []
+        listing: list[tuple[str, int | None, int | None]] = []
+        skipped = 0
         loose = [p.name for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for dirpath, dirnames, filenames in os.walk(folder):
@@ -45,9 +47,12 @@ class FolderDataModule(CustomImages):
                         skipped += 1
                         continue
                     rel = path.relative_to(self.root).as_posix()
-                    stat = path.stat()
+                    try:
+                        stat = path.stat()
+                        listing.append((rel, stat.st_size, stat.st_mtime_ns))
+                    except OSError:  # a broken link: listed, and named by the check as unreadable
+                        listing.append((rel, None, None))
                     items.append(Item(rel, folder.name))
-                    listing.append((rel, stat.st_size, stat.st_mtime_ns))
         if not items:
             hint = (
                 f" ({len(loose)} images lie directly in it: move each class's images into a subfolder named "

@@ -10,10 +10,14 @@ from typing import Any
 
 from dml.data.datasets.custom import CustomImages, Item, stamp_of
 from dml.errors import UserError
+from dml.log import get_logger
+
+log = get_logger(__name__)
 
 REQUIRED = ("path", "label")
 SPLIT_NAMES = {"train": "train", "val": "val", "test": "test", "validation": "test"}  # OML: validation
-TRUE, FALSE = {"true", "1", "yes", "t", "y"}, {"false", "0", "no", "f", "n"}
+TRUE, FALSE = {"true", "1", "1.0", "yes", "t", "y"}, {"false", "0", "0.0", "no", "f", "n"}
+BOXES = ("x_1", "y_1", "x_2", "y_2")  # open-metric-learning's bounding boxes, which dml does not apply
 
 
 class TableDataModule(CustomImages):
@@ -126,13 +130,24 @@ def read_rows(table: Path) -> list[tuple[int, dict[str, str | None]]]:
             f"{table} has no {' and no '.join(absent)} column (its columns: {', '.join(names) or 'none'}); "
             "a table needs path and label, and may have split, is_query and is_gallery"
         )
-    return [
-        (
-            number,
-            {k: None if v is None or str(v).strip() == "" else str(v).strip() for k, v in record.items()},
+    if set(BOXES) <= set(names):
+        log.warning(
+            "%s has bounding boxes (x_1, y_1, x_2, y_2): dml uses the images whole, not cropped to them",
+            table,
         )
-        for number, record in enumerate(records, start=2)
+    return [
+        (number, {k: _text(v) for k, v in record.items()}) for number, record in enumerate(records, start=2)
     ]
+
+
+def _text(value: Any) -> str | None:
+    """A cell as text: None when empty; a whole float (a Parquet or pandas label, 3.0) as a whole number."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
 
 
 def _split(value: str | None, table: Path, number: int) -> str | None:
