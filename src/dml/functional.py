@@ -86,7 +86,7 @@ def coding_rate(z: torch.Tensor, eps: float = 0.5, scale: Scale = "mcr2") -> tor
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.to(dtype)
         gram = z @ z.T if n <= d else z.T @ z
-        return _half_logdet_plus_identity(gram, c)
+        return half_logdet_plus_identity(gram, c)
 
 
 def masked_coding_rate(
@@ -109,10 +109,10 @@ def masked_coding_rate(
         n = weights.sum()
         c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
         gram = z @ z.T if z.shape[0] <= d else z.T @ z  # the marked rows' Gram, plus identity blocks
-        return _half_logdet_plus_identity(gram, c)
+        return half_logdet_plus_identity(gram, c)
 
 
-def _half_logdet_plus_identity(gram: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+def half_logdet_plus_identity(gram: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
     """1/2 logdet(I + c gram) = sum log diag(L), L the Cholesky factor; ``cholesky_ex``: no error check,
     which would read the factorisation's status on the host (I + c gram is positive definite)."""
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dml.functional import Scale, coding_rate, masked_coding_rate
+from dml.losses import sharded
 from dml.losses.proxy import ProxyBank
 
 
@@ -52,6 +53,17 @@ class AntiCoLoss(nn.Module):
         """Args: embeddings (B, d); labels (B,) class indices (unused by ``pair``). Returns a scalar."""
         if self.variant == "pair":
             rate = coding_rate(embeddings, eps=self.eps, scale=self.scale)
+        elif self.proxies is not None and self.proxies.sharded:
+            bank, batch = self.proxies, self.variant == "batch_proxy"
+            present = sharded.present_classes(labels, bank.num_classes) if batch else None
+            rate = sharded.proxy_coding_rate(
+                bank.normalized(),
+                bank.num_classes,
+                self.eps,
+                self.scale,
+                rows=present[bank.offset : bank.offset + len(bank.weight)] if present is not None else None,
+                count=present.sum() if present is not None else None,
+            )
         elif self.variant == "batch_proxy":
             assert self.proxies is not None  # every variant but pair has a bank
             # the proxies of the batch's classes, marked on the device (torch.unique would wait for it)

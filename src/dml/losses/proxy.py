@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dml.functional import cosine_similarity, masked_logsumexp_plus_one
+from dml.losses import sharded
 
 
 class ProxyBank(nn.Module):
@@ -28,6 +29,31 @@ class ProxyBank(nn.Module):
             nn.init.kaiming_normal_(self.weight, mode="fan_out")
         else:
             nn.init.normal_(self.weight, std=init_std)
+        self.offset, self.total = 0, num_classes  # the classes this bank holds: offset .. offset + rows
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this bank holds only a slice of the classes (:meth:`shard`)."""
+        return len(self.weight) != self.total
+
+    def shard(self, world: int, rank: int) -> None:
+        """Keep only rank ``rank``'s slice of the classes (of ``world`` ranks; see
+        :mod:`dml.losses.sharded`); the losses then compute over all the ranks' proxies together.
+
+        Raises:
+            ValueError: fewer classes than ranks.
+        """
+        from dml.losses.sharded import shard_bounds
+
+        if self.sharded:
+            raise ValueError("this proxy bank is sharded already")
+        if world > self.total:
+            raise ValueError(
+                f"{self.total} class proxies cannot be sharded over {world} ranks (one each at least)"
+            )
+        lo, hi = shard_bounds(self.total, world, rank)
+        self.weight = nn.Parameter(self.weight.detach()[lo:hi].clone())
+        self.offset = lo
 
     @classmethod
     def resolve(
@@ -42,7 +68,8 @@ class ProxyBank(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.weight.shape[0]
+        """All the classes, on every rank of a sharded bank."""
+        return self.total
 
     def normalized(self, classes: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised proxies, all of them or the rows ``classes``; shape (m, d)."""
@@ -89,6 +116,11 @@ class ProxyAnchorLoss(nn.Module):
         """Args: embeddings (B, d); labels (B,) in [0, C). Returns a scalar."""
         num_classes = self.proxies.num_classes
         _check_labels(labels, num_classes)
+        if self.proxies.sharded:
+            bank = self.proxies
+            return sharded.proxy_anchor(
+                embeddings, labels, bank.weight, bank.offset, num_classes, self.alpha, self.delta
+            )
         # float32 logits: alpha * cos reaches 64 and exp of that overflows half precision.
         cos = cosine_similarity(embeddings, self.proxies.weight)  # (B, C)
         pos = labels[:, None] == torch.arange(num_classes, device=labels.device)  # one_hot, unchecked
@@ -125,6 +157,11 @@ class ProxyNCALoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Args: embeddings (B, d); labels (B,) in [0, C). Returns a scalar."""
         _check_labels(labels, self.proxies.num_classes)
+        if self.proxies.sharded:
+            bank = self.proxies
+            return sharded.proxy_nca(
+                embeddings, labels, bank.weight, bank.offset, self.scale, self.exclude_positive
+            )
         logits = -self.scale * (
             2 - 2 * cosine_similarity(embeddings, self.proxies.weight)
         )  # -scale * ||x - p||^2

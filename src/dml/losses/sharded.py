@@ -1,0 +1,150 @@
+"""Class proxies sharded across DDP ranks: each rank holds a contiguous slice of the bank, and every proxy
+term is computed exactly, as one process with the whole bank computes it.
+
+Partial FC's layout (insightface's ``arcface_torch``), without its sampling by default. Each rank sees the
+global batch (:func:`~dml.losses.distributed.gather_batch`) and only its own proxies:
+
+- a sum over proxies (Proxy-Anchor) is summed over ranks, with the global normalisers (positive proxies
+  in the batch, read from the gathered labels; the number of classes);
+- a softmax over proxies (ProxyNCA) takes its maximum and its normaliser over ranks, and each item's
+  positive logit from the rank that owns its class;
+- a coding rate of proxies (AntiCo) is ``1/2 logdet(I + c P^T P)`` with the d x d Gram matrix summed over
+  ranks: the cost and the traffic stay d x d whatever the number of classes.
+
+Gradients: a sum over ranks passes its gradient back unchanged to each rank's own part (every rank computes
+the same global value, and each differentiates only what it holds); the gathered embeddings, which every
+rank's shard reaches, have their gradients summed over ranks (:func:`gradients_summed`), so that each
+rank's own items receive the whole gradient; the proxies' gradients stay on their rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd import Function
+
+from dml.functional import Scale, cosine_similarity, half_logdet_plus_identity, masked_logsumexp_plus_one
+
+
+def shard_bounds(num_classes: int, world: int, rank: int) -> tuple[int, int]:
+    """The classes [lo, hi) rank ``rank`` of ``world`` holds: contiguous, the first ``num_classes % world``
+    ranks one more."""
+    base, extra = divmod(num_classes, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + int(rank < extra)
+
+
+class _SumOverRanks(Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad  # every rank differentiates the same global value: each its own part
+
+
+class _GradientsSummed(Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over ranks, on every rank; its gradient reaches each rank's own ``x`` unchanged."""
+    return _SumOverRanks.apply(x)
+
+
+def gradients_summed(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as it is; in the backward pass its gradient is summed over ranks (gathered embeddings that
+    every rank's proxies reach)."""
+    return _GradientsSummed.apply(x)
+
+
+def _max_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def present_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes,) bool: the classes with an item in the (global) batch."""
+    present = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
+    present[labels] = True
+    return present
+
+
+def proxy_anchor(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    offset: int,
+    num_classes: int,
+    alpha: float,
+    delta: float,
+) -> torch.Tensor:
+    """Proxy-Anchor over the global batch, this rank holding proxies ``offset`` to ``offset + m``."""
+    embeddings = gradients_summed(embeddings)
+    cos = cosine_similarity(embeddings, proxies)  # (B, m)
+    pos = labels[:, None] == torch.arange(offset, offset + len(proxies), device=labels.device)
+    pos_term = masked_logsumexp_plus_one(-alpha * (cos - delta), pos, dim=0)
+    neg_term = masked_logsumexp_plus_one(alpha * (cos + delta), ~pos, dim=0)
+    with_positive = present_classes(labels, num_classes).sum().clamp(min=1)
+    positive = torch.where(pos.any(dim=0), pos_term, torch.zeros_like(pos_term)).sum()
+    return sum_over_ranks(positive / with_positive + neg_term.sum() / num_classes)
+
+
+def proxy_nca(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    offset: int,
+    scale: float,
+    exclude_positive: bool,
+) -> torch.Tensor:
+    """ProxyNCA over the global batch, the softmax's maximum and normaliser taken over ranks."""
+    embeddings = gradients_summed(embeddings)
+    logits = -scale * (2 - 2 * cosine_similarity(embeddings, proxies))  # -scale * ||x - p||^2, (B, m)
+    local = labels - offset
+    owned = (local >= 0) & (local < len(proxies))
+    mine = local.clamp(0, len(proxies) - 1)[:, None]
+    positive = sum_over_ranks(
+        torch.where(owned, logits.gather(1, mine).squeeze(1), torch.zeros_like(owned, dtype=logits.dtype))
+    )
+    if exclude_positive:
+        own = owned[:, None] & (torch.arange(len(proxies), device=labels.device) == local[:, None])
+        logits = logits.masked_fill(own, float("-inf"))
+    top = _max_over_ranks(logits.max(dim=1).values)
+    normaliser = sum_over_ranks(torch.exp(logits - top[:, None]).sum(dim=1))
+    return (torch.log(normaliser) + top - positive).mean()
+
+
+def proxy_coding_rate(
+    proxies: torch.Tensor,
+    num_classes: int,
+    eps: float,
+    scale: Scale,
+    rows: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The coding rate of all the ranks' (normalised) proxies, or of those ``rows`` marks (``count`` of
+    them over all ranks), from the d x d Gram matrix summed over ranks."""
+    d = proxies.shape[1]
+    dtype = torch.float64 if proxies.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=proxies.device.type, enabled=False):
+        z = proxies.to(dtype)
+        n = torch.tensor(float(num_classes), dtype=dtype, device=z.device)
+        if rows is not None:
+            z = z * rows.to(dtype)[:, None]
+            n = count.to(dtype) if count is not None else n
+        gram = sum_over_ranks(z.T @ z)
+        c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
+        return half_logdet_plus_identity(gram, c)

@@ -1,0 +1,114 @@
+"""Run by tests/test_sharded_proxies.py in its own interpreter: on WORLD gloo ranks (argument 1; port:
+argument 2), every proxy term with its bank sharded gives, in float64, the loss, the gradients to every
+embedding and every proxy, and the proxies after one optimizer step of one process holding the whole bank
+on the same global batch. Prints "<term> ok" per term on rank 0, or what differs."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from dml.losses import AntiCoLoss, ProxyAnchorLoss, ProxyNCALoss
+from dml.losses.distributed import gather_batch
+from dml.losses.proxy import ProxyBank
+from dml.losses.sharded import shard_bounds
+
+B, D, C = 24, 8, 10
+TOLERANCE = 1e-10
+
+
+def terms() -> dict[str, Callable[[ProxyBank], Callable]]:
+    """Each term as a function of the (shared) bank."""
+
+    def composite(bank: ProxyBank) -> Callable:
+        anchor, antico = ProxyAnchorLoss(proxies=bank), AntiCoLoss("batch_proxy", gamma=1.0, proxies=bank)
+        return lambda x, y: anchor(x, y) + 0.5 * antico(x, y)
+
+    return {
+        "proxy_anchor": lambda bank: ProxyAnchorLoss(proxies=bank),
+        "proxy_nca": lambda bank: ProxyNCALoss(proxies=bank),
+        "proxy_nca_exclude_positive": lambda bank: ProxyNCALoss(proxies=bank, exclude_positive=True),
+        "antico_all_proxy": lambda bank: AntiCoLoss("all_proxy", proxies=bank),
+        "antico_batch_proxy": lambda bank: AntiCoLoss("batch_proxy", proxies=bank),
+        "antico_batch_proxy_mcr2_neg": lambda bank: AntiCoLoss(
+            "batch_proxy", scale="mcr2", form="neg", proxies=bank
+        ),
+        "proxy_anchor_plus_antico": composite,
+    }
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 4, 4, 5, 5, 7, 7, 8, 8, 9, 9, 1, 1, 4, 4, 7, 7, 0, 0])
+    return torch.randn(B, D, generator=g, dtype=torch.float64), labels
+
+
+def bank() -> ProxyBank:
+    torch.manual_seed(5)
+    return ProxyBank(C, D).double()
+
+
+def one_step(term: Callable, x: torch.Tensor, y: torch.Tensor, proxies: ProxyBank) -> dict[str, torch.Tensor]:
+    loss = term(F.normalize(x, dim=1), y)
+    loss.backward()
+    optimizer = torch.optim.SGD(proxies.parameters(), lr=0.5)
+    grad = proxies.weight.grad.clone()
+    optimizer.step()
+    return {
+        "loss": loss.detach(),
+        "x_grad": x.grad.clone() if x.grad is not None else torch.zeros_like(x),  # AntiCo: proxies only
+        "proxy_grad": grad,
+        "proxies": proxies.weight.detach().clone(),
+    }
+
+
+def rank_main(rank: int, world: int, port: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_default_dtype(torch.float64)
+    x, y = data()
+    lo, hi = shard_bounds(C, world, rank)
+    chunk = slice(rank * B // world, (rank + 1) * B // world)
+    report = []
+    for name, make in terms().items():
+        whole = bank()
+        expected = one_step(make(whole), x.clone().requires_grad_(), y, whole)
+        part = bank()
+        part.shard(world, rank)
+        mine = x[chunk].clone().requires_grad_()
+        loss_of = make(part)
+
+        def gathered(
+            x_local: torch.Tensor, y_local: torch.Tensor, loss_of: Callable = loss_of
+        ) -> torch.Tensor:
+            return loss_of(*gather_batch(x_local, y_local))
+
+        got = one_step(gathered, mine, y[chunk], part)
+        errors = {
+            "loss": (got["loss"] - expected["loss"]).abs().max().item(),
+            "embedding gradients": (got["x_grad"] - expected["x_grad"][chunk]).abs().max().item(),
+            "proxy gradients": (got["proxy_grad"] - expected["proxy_grad"][lo:hi]).abs().max().item(),
+            "proxies after a step": (got["proxies"] - expected["proxies"][lo:hi]).abs().max().item(),
+        }
+        report.append((name, rank, errors))
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, report)
+    if rank == 0:
+        for i, name in enumerate(terms()):
+            worst = {k: max(r[i][2][k] for r in everyone) for k in everyone[0][i][2]}
+            bad = {k: v for k, v in worst.items() if not v <= TOLERANCE}
+            print(f"{name} ok" if not bad else f"{name} differs on {world} ranks: {bad}", flush=True)
+    gc.collect()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    world, port = int(sys.argv[1]), sys.argv[2]
+    mp.spawn(rank_main, args=(world, port), nprocs=world, join=True)
