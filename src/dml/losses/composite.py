@@ -40,6 +40,8 @@ class CompositeLoss(nn.Module):
             a sweep over it is one override (``loss.antico_weight=...``).
         proxy_init_std: initialise the proxy bank normal with this standard deviation; ``None`` keeps
             the kaiming-normal (fan_out) initialisation (see :class:`ProxyBank`).
+        shard_proxies: under DDP, each process holds a slice of the proxy bank only (see
+            :mod:`dml.models.sharding`); nothing on one process.
 
     ``forward`` returns a dict: ``loss`` (the weighted sum) and each term's unweighted value by name.
     """
@@ -51,8 +53,10 @@ class CompositeLoss(nn.Module):
         embedding_size: int,
         antico_weight: float | None = None,
         proxy_init_std: float | None = None,
+        shard_proxies: bool = False,
     ):
         super().__init__()
+        self.shard_proxies = shard_proxies
         if not terms:
             raise ValueError("CompositeLoss needs at least one term (loss.terms is empty)")
         self.num_classes, self.embedding_size = num_classes, embedding_size
@@ -74,6 +78,11 @@ class CompositeLoss(nn.Module):
             # Offered to a term that did not keep it (AntiCo's pair variant): a parameter no term uses
             # would make DDP refuse the model.
             self._proxies = None
+
+    @property
+    def bank(self) -> ProxyBank | None:
+        """The shared proxy bank, or None when no term keeps proxies."""
+        return self._proxies
 
     @property
     def proxies(self) -> ProxyBank:

@@ -22,7 +22,7 @@ from dml.losses.distributed import (
     rescale_local_gradients,
     world_size,
 )
-from dml.models import random_state
+from dml.models import random_state, sharding
 from dml.models.finite import FiniteLossCheck
 
 log = get_logger(__name__)
@@ -160,6 +160,8 @@ class DMLModule(L.LightningModule):
             cast(Any, self.backbone)._compiled_by_dml = True
         if any(on.values()):
             log.info("speed switches: %s", ", ".join(name for name, value in on.items() if value))
+        if getattr(self.loss, "shard_proxies", False):
+            sharding.shard_proxies(self, self.trainer.world_size, self.global_rank)
 
     @property
     def in_warmup(self) -> bool:
@@ -365,8 +367,10 @@ class DMLModule(L.LightningModule):
         # random miners). The batch sampler needs none: its draw depends on (seed, epoch) only. Every
         # rank builds the checkpoint dict but only rank 0 writes it: gather each rank's own state.
         checkpoint["dml_rng"] = gather_objects(random_state.capture(self.loss))
+        sharding.whole_bank_into(self, checkpoint)  # the whole bank: a checkpoint loads on any process count
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sharding.bank_slice_from(self, checkpoint)
         states = checkpoint.get("dml_rng")
         if not states:
             return
