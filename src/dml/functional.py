@@ -89,27 +89,34 @@ def coding_rate(z: torch.Tensor, eps: float = 0.5, scale: Scale = "mcr2") -> tor
         return half_logdet_plus_identity(gram, c)
 
 
-def masked_coding_rate(
-    z: torch.Tensor, rows: torch.Tensor, eps: float = 0.5, scale: Scale = "mcr2"
+def weighted_coding_rate(
+    z: torch.Tensor, weights: torch.Tensor, eps: float = 0.5, scale: Scale = "mcr2"
 ) -> torch.Tensor:
-    """:func:`coding_rate` of the rows of ``z`` (m, d) that ``rows`` (m,) marks, with their number n read
-    on the device: ``coding_rate(z[rows])`` without the host waiting to learn n. Masked-out rows are
-    zeroed, which leaves the d x d Gram matrix Z^T Z of the marked rows."""
-    if z.ndim != 2 or rows.shape != z.shape[:1]:
+    """The coding rate of a set given as the rows of ``z`` (m, d) with ``weights`` (m,): each row counts
+    ``weight`` times, and n is the weights' sum, read on the device. A row repeated k times with weight 1/k
+    counts once (the proxies of a batch's labels, each class once, without ``unique``, which would make the
+    host wait); a weight of 0 leaves a row out. The Gram matrix is sum_i w_i z_i z_i^T (by Sylvester's
+    identity the smaller of the m x m and d x d forms is factored)."""
+    if z.ndim != 2 or weights.shape != z.shape[:1]:
         raise ValueError(
-            f"masked_coding_rate expects (m, d) rows and an (m,) mask, got {tuple(z.shape)}, {tuple(rows.shape)}"
+            f"weighted_coding_rate expects (m, d) rows and (m,) weights, got {tuple(z.shape)}, {tuple(weights.shape)}"
         )
     if scale not in ("mcr2", "official"):
         raise ValueError(f"scale must be 'mcr2' or 'official', got {scale!r}")
     d = z.shape[1]
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=z.device.type, enabled=False):
-        weights = rows.to(dtype)
-        z = z.to(dtype) * weights[:, None]
+        weights = weights.to(dtype)
+        z = z.to(dtype) * weights.sqrt()[:, None]
         n = weights.sum()
         c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
-        gram = z @ z.T if z.shape[0] <= d else z.T @ z  # the marked rows' Gram, plus identity blocks
+        gram = z @ z.T if z.shape[0] <= d else z.T @ z
         return half_logdet_plus_identity(gram, c)
+
+
+def once_each(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) weights 1 / (how many items of the batch share the item's label): summed over a class, 1."""
+    return 1 / (labels[:, None] == labels[None, :]).sum(dim=1)
 
 
 def half_logdet_plus_identity(gram: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dml.functional import Scale, coding_rate, masked_coding_rate
+from dml.functional import Scale, coding_rate, once_each, weighted_coding_rate
 from dml.losses import sharded
 from dml.losses.proxy import ProxyBank
 
@@ -54,22 +54,17 @@ class AntiCoLoss(nn.Module):
         if self.variant == "pair":
             rate = coding_rate(embeddings, eps=self.eps, scale=self.scale)
         elif self.proxies is not None and self.proxies.sharded:
-            bank, batch = self.proxies, self.variant == "batch_proxy"
-            present = sharded.present_classes(labels, bank.num_classes) if batch else None
-            rate = sharded.proxy_coding_rate(
-                bank.normalized(),
-                bank.num_classes,
-                self.eps,
-                self.scale,
-                rows=present[bank.offset : bank.offset + len(bank.weight)] if present is not None else None,
-                count=present.sum() if present is not None else None,
-            )
+            bank = self.proxies
+            if self.variant == "batch_proxy":
+                rate = sharded.batch_proxy_coding_rate(bank, labels, self.eps, self.scale)
+            else:
+                rate = sharded.proxy_coding_rate(bank.normalized(), bank.num_classes, self.eps, self.scale)
         elif self.variant == "batch_proxy":
             assert self.proxies is not None  # every variant but pair has a bank
-            # the proxies of the batch's classes, marked on the device (torch.unique would wait for it)
-            present = torch.zeros(self.proxies.num_classes, dtype=torch.bool, device=labels.device)
-            present[labels] = True
-            rate = masked_coding_rate(self.proxies.normalized(), present, eps=self.eps, scale=self.scale)
+            # the batch's proxies, each class once: weights 1/count, not unique() (the host would wait)
+            rate = weighted_coding_rate(
+                self.proxies.normalized(labels), once_each(labels), self.eps, self.scale
+            )
         else:
             assert self.proxies is not None
             rate = coding_rate(self.proxies.normalized(), eps=self.eps, scale=self.scale)

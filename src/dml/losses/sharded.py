@@ -19,11 +19,22 @@ rank's own items receive the whole gradient; the proxies' gradients stay on thei
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
-from dml.functional import Scale, cosine_similarity, half_logdet_plus_identity, masked_logsumexp_plus_one
+from dml.functional import (
+    Scale,
+    cosine_similarity,
+    half_logdet_plus_identity,
+    masked_logsumexp_plus_one,
+    once_each,
+)
+
+if TYPE_CHECKING:
+    from dml.losses.proxy import ProxyBank
 
 
 def shard_bounds(num_classes: int, world: int, rank: int) -> tuple[int, int]:
@@ -75,13 +86,6 @@ def _max_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def present_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(num_classes,) bool: the classes with an item in the (global) batch."""
-    present = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
-    present[labels] = True
-    return present
-
-
 def proxy_anchor(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -97,7 +101,7 @@ def proxy_anchor(
     pos = labels[:, None] == torch.arange(offset, offset + len(proxies), device=labels.device)
     pos_term = masked_logsumexp_plus_one(-alpha * (cos - delta), pos, dim=0)
     neg_term = masked_logsumexp_plus_one(alpha * (cos + delta), ~pos, dim=0)
-    with_positive = present_classes(labels, num_classes).sum().clamp(min=1)
+    with_positive = once_each(labels).sum().round()  # the classes in the batch: proxies with a positive
     positive = torch.where(pos.any(dim=0), pos_term, torch.zeros_like(pos_term)).sum()
     return sum_over_ranks(positive / with_positive + neg_term.sum() / num_classes)
 
@@ -127,24 +131,32 @@ def proxy_nca(
     return (torch.log(normaliser) + top - positive).mean()
 
 
-def proxy_coding_rate(
-    proxies: torch.Tensor,
-    num_classes: int,
-    eps: float,
-    scale: Scale,
-    rows: torch.Tensor | None = None,
-    count: torch.Tensor | None = None,
+def proxy_coding_rate(proxies: torch.Tensor, num_classes: int, eps: float, scale: Scale) -> torch.Tensor:
+    """The coding rate of all the ranks' (normalised) proxies, from the d x d Gram matrix summed over
+    ranks."""
+    return _rate_of_gram(proxies, None, torch.tensor(float(num_classes)), eps, scale)
+
+
+def batch_proxy_coding_rate(bank: ProxyBank, labels: torch.Tensor, eps: float, scale: Scale) -> torch.Tensor:
+    """The coding rate of the proxies of the (global) batch's classes, each once: every rank adds the
+    rows it holds, weighted 1 / count (:func:`~dml.functional.once_each`), to the d x d Gram matrix."""
+    local = labels - bank.offset
+    owned = (local >= 0) & (local < len(bank.weight))
+    rows = bank.normalized(local.clamp(0, len(bank.weight) - 1))
+    weights = once_each(labels)
+    return _rate_of_gram(rows, weights * owned, weights.sum(), eps, scale)
+
+
+def _rate_of_gram(
+    z: torch.Tensor, weights: torch.Tensor | None, n: torch.Tensor, eps: float, scale: Scale
 ) -> torch.Tensor:
-    """The coding rate of all the ranks' (normalised) proxies, or of those ``rows`` marks (``count`` of
-    them over all ranks), from the d x d Gram matrix summed over ranks."""
-    d = proxies.shape[1]
-    dtype = torch.float64 if proxies.dtype == torch.float64 else torch.float32
-    with torch.autocast(device_type=proxies.device.type, enabled=False):
-        z = proxies.to(dtype)
-        n = torch.tensor(float(num_classes), dtype=dtype, device=z.device)
-        if rows is not None:
-            z = z * rows.to(dtype)[:, None]
-            n = count.to(dtype) if count is not None else n
+    d = z.shape[1]
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.to(dtype)
+        if weights is not None:
+            z = z * weights.to(dtype).sqrt()[:, None]
+        n = n.to(dtype=dtype, device=z.device)
         gram = sum_over_ranks(z.T @ z)
         c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
         return half_logdet_plus_identity(gram, c)
