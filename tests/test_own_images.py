@@ -394,17 +394,14 @@ def test_the_resized_copy_takes_the_backbone_s_size_and_follows_the_folder(tmp_p
 
     root = tmp_path / "data"
     files = make_folder(root)
-    cfg = run_config(
-        tmp_path,
-        "dataset=folder",
-        f"dataset.root={root}",
-        "dataset.resized_cache=true",
+    from_backbone = [
         "dataset.image_size=null",
         "dataset.resize_size=null",
         "dataset.mean=null",
         "dataset.std=null",
-    )
-    datamodule, module = build_data_and_module(cfg)
+    ]
+    overrides = ["dataset=folder", f"dataset.root={root}", "dataset.resized_cache=true", *from_backbone]
+    datamodule, module = build_data_and_module(run_config(tmp_path, *overrides))
     config = module.backbone.data_config
     assert tuple(datamodule.mean) == tuple(config["mean"])  # counting the classes resolved nothing early
     datamodule.setup("fit")
@@ -413,18 +410,7 @@ def test_the_resized_copy_takes_the_backbone_s_size_and_follows_the_folder(tmp_p
     name = datamodule.split_description()["classes"]["train"][0]
     renamed = root / name / "renamed.jpg"
     (root / files[name][0]).rename(renamed)
-    again, _ = build_data_and_module(
-        run_config(
-            tmp_path,
-            "dataset=folder",
-            f"dataset.root={root}",
-            "dataset.resized_cache=true",
-            "dataset.image_size=null",
-            "dataset.resize_size=null",
-            "dataset.mean=null",
-            "dataset.std=null",
-        )
-    )
+    again, _ = build_data_and_module(run_config(tmp_path, *overrides))
     again.setup("fit")
     assert (copy / name / "renamed.jpg").is_file()
     assert len(again.splits["train"]) == len(datamodule.splits["train"])
