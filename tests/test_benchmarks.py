@@ -158,6 +158,7 @@ def test_download_checks_the_checksum_and_keeps_no_partial_file(tmp_path):
 
 
 def make_command(target, **variables):
+    import os
     import shutil
     import subprocess
     import sys
@@ -169,11 +170,15 @@ def make_command(target, **variables):
     if not (venv / ".installed").exists() or shutil.which("make") is None:
         pytest.skip(f"make targets need the project venv made by `make install` ({venv} is not it)")
     args = [f"{k}={v}" for k, v in variables.items()]
+    # a make typed by a user: not nested in the make that runs the tests (make test-all), whose level and
+    # variables would reach it through the environment
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     return subprocess.run(
         ["make", "-s", "-C", str(ROOT), target, f"VENV={venv}", *args],
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
 
 
