@@ -80,6 +80,11 @@ def gradients_summed(x: torch.Tensor) -> torch.Tensor:
     return _GradientsSummed.apply(x)
 
 
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when autocast made it half or bfloat16 (float64 stays)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _max_over_ranks(x: torch.Tensor) -> torch.Tensor:
     out = x.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
@@ -96,7 +101,7 @@ def proxy_anchor(
     delta: float,
 ) -> torch.Tensor:
     """Proxy-Anchor over the global batch, this rank holding proxies ``offset`` to ``offset + m``."""
-    embeddings = gradients_summed(embeddings)
+    embeddings = gradients_summed(_widened(embeddings))  # summed in float32 at least, whatever autocast made
     cos = cosine_similarity(embeddings, proxies)  # (B, m)
     pos = labels[:, None] == torch.arange(offset, offset + len(proxies), device=labels.device)
     pos_term = masked_logsumexp_plus_one(-alpha * (cos - delta), pos, dim=0)
@@ -115,7 +120,7 @@ def proxy_nca(
     exclude_positive: bool,
 ) -> torch.Tensor:
     """ProxyNCA over the global batch, the softmax's maximum and normaliser taken over ranks."""
-    embeddings = gradients_summed(embeddings)
+    embeddings = gradients_summed(_widened(embeddings))
     logits = -scale * (2 - 2 * cosine_similarity(embeddings, proxies))  # -scale * ||x - p||^2, (B, m)
     local = labels - offset
     owned = (local >= 0) & (local < len(proxies))
@@ -134,7 +139,7 @@ def proxy_nca(
 def proxy_coding_rate(proxies: torch.Tensor, num_classes: int, eps: float, scale: Scale) -> torch.Tensor:
     """The coding rate of all the ranks' (normalised) proxies, from the d x d Gram matrix summed over
     ranks."""
-    return _rate_of_gram(proxies, None, torch.tensor(float(num_classes)), eps, scale)
+    return _rate_of_gram(proxies, None, float(num_classes), eps, scale)
 
 
 def batch_proxy_coding_rate(bank: ProxyBank, labels: torch.Tensor, eps: float, scale: Scale) -> torch.Tensor:
@@ -148,7 +153,7 @@ def batch_proxy_coding_rate(bank: ProxyBank, labels: torch.Tensor, eps: float, s
 
 
 def _rate_of_gram(
-    z: torch.Tensor, weights: torch.Tensor | None, n: torch.Tensor, eps: float, scale: Scale
+    z: torch.Tensor, weights: torch.Tensor | None, n: torch.Tensor | float, eps: float, scale: Scale
 ) -> torch.Tensor:
     d = z.shape[1]
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -156,7 +161,7 @@ def _rate_of_gram(
         z = z.to(dtype)
         if weights is not None:
             z = z * weights.to(dtype).sqrt()[:, None]
-        n = n.to(dtype=dtype, device=z.device)
+        n = n.to(dtype) if isinstance(n, torch.Tensor) else n  # a number stays one: no copy to the device
         gram = sum_over_ranks(z.T @ z)
         c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
         return half_logdet_plus_identity(gram, c)

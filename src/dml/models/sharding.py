@@ -45,6 +45,11 @@ def shard_proxies(module: L.LightningModule, world: int, rank: int) -> None:
             f"{bank.total}: set loss.shard_proxies=false"
         )
     trainer = module.trainer
+    if "16-mixed" in str(getattr(trainer, "precision", "")):
+        raise UserError(
+            "loss.shard_proxies=true with trainer.precision=16-mixed: each process would decide alone whether "
+            "its gradients overflowed and skip its step alone; use bf16-mixed or 32-true"
+        )
     if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "norm":
         raise UserError(
             "loss.shard_proxies=true with trainer.gradient_clip_algorithm=norm: each process would clip by the "
@@ -74,17 +79,22 @@ def _bank_names(module: torch.nn.Module, bank: ProxyBank) -> list[str]:
 
 def whole_bank_into(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
     """Put the whole bank, and the optimizer state of the whole bank, into ``checkpoint`` (every rank
-    calls it, in ``on_save_checkpoint``; rank 0 writes the file)."""
+    calls it, in ``on_save_checkpoint``; rank 0, which writes the file, receives them on the CPU, one
+    tensor at a time). The optimizer's live state is left as it is: the checkpoint gets new entries."""
     bank = getattr(module.loss, "bank", None)
     if bank is None or not bank.sharded:
         return
     whole = _gather_rows(bank.weight.detach(), bank.total)
-    for name in _bank_names(module, bank):
-        checkpoint["state_dict"][name] = whole
-    for entry in _bank_states(checkpoint):
+    if whole is not None:
+        for name in _bank_names(module, bank):
+            checkpoint["state_dict"][name] = whole
+    for state, index in _bank_states(checkpoint):
+        entry = dict(state[index])  # a copy: optimizer.state_dict() hands over the live state by reference
         for key, value in sorted(entry.items()):
-            if isinstance(value, torch.Tensor) and value.ndim and len(value) == len(bank.weight):
-                entry[key] = _gather_rows(value, bank.total)
+            if isinstance(value, torch.Tensor) and value.shape == bank.weight.shape:
+                gathered = _gather_rows(value, bank.total)
+                entry[key] = gathered if gathered is not None else value
+        state[index] = entry
 
 
 def bank_slice_from(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
@@ -94,32 +104,38 @@ def bank_slice_from(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None
     if bank is None or not bank.sharded:
         return
     rows = slice(bank.offset, bank.offset + len(bank.weight))
+    whole_shape = (bank.total, *bank.weight.shape[1:])
     for name in _bank_names(module, bank):
         value = checkpoint["state_dict"].get(name)
-        if value is not None and len(value) == bank.total:
+        if value is not None and value.shape == whole_shape:
             checkpoint["state_dict"][name] = value[rows]
-    for entry in _bank_states(checkpoint):
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.ndim and len(value) == bank.total:
-                entry[key] = value[rows]
+    for state, index in _bank_states(checkpoint):
+        state[index] = {
+            key: value[rows] if isinstance(value, torch.Tensor) and value.shape == whole_shape else value
+            for key, value in state[index].items()
+        }
 
 
-def _bank_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
-    """The optimizer state entries of the bank's parameter, in each optimizer of the checkpoint."""
+def _bank_states(checkpoint: dict[str, Any]) -> list[tuple[dict[int, Any], int]]:
+    """(an optimizer's state, the index of the bank's parameter in it), for each optimizer holding it."""
     out = []
     for optimizer in checkpoint.get("optimizer_states", []):
+        state = optimizer.get("state", {})
         for group in optimizer.get("param_groups", []):
             if group.get("name") == BANK_GROUP:
-                out += [optimizer["state"][i] for i in group["params"] if i in optimizer.get("state", {})]
+                out += [(state, i) for i in group["params"] if i in state]
     return out
 
 
-def _gather_rows(part: torch.Tensor, total: int) -> torch.Tensor:
-    """Every rank's rows of a sharded tensor, in class order (the ranks hold different numbers of rows)."""
-    world = dist.get_world_size()
+def _gather_rows(part: torch.Tensor, total: int) -> torch.Tensor | None:
+    """Every rank's rows of a sharded tensor in class order, on rank 0's CPU (None on the other ranks,
+    which only send theirs)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
     sizes = [hi - lo for lo, hi in (shard_bounds(total, world, r) for r in range(world))]
     padded = part.new_zeros((max(sizes), *part.shape[1:]))
     padded[: len(part)] = part
-    chunks = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(chunks, padded.contiguous())
-    return torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes, strict=True)])
+    chunks = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded.contiguous(), chunks, dst=0)
+    if chunks is None:
+        return None
+    return torch.cat([chunk[:size].cpu() for chunk, size in zip(chunks, sizes, strict=True)])
