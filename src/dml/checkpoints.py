@@ -25,7 +25,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass ckpt_path=<path to a .ckpt written by train.py>")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        # mapped, not read: checking a resume needs the shapes, not the weights (a large proxy bank)
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # any load failure means the file is not a usable checkpoint
         raise UserError(
             f"{path} cannot be read as a PyTorch checkpoint, it may be truncated ({type(e).__name__}: {e}); "
