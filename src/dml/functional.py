@@ -3,7 +3,7 @@ masked log-sum-exp, and the coding rate. Neither package imports the other for t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +79,7 @@ def coding_rate(z: torch.Tensor, eps: float = 0.5, scale: Scale = "mcr2") -> tor
     n, d = z.shape
     if n == 0:
         raise ValueError("coding_rate got an empty set of vectors (n = 0)")
-    if scale not in ("mcr2", "official"):
-        raise ValueError(f"scale must be 'mcr2' or 'official', got {scale!r}")
-    c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
+    c = rate_constant(n, d, eps, scale)
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.to(dtype)
@@ -101,15 +99,12 @@ def weighted_coding_rate(
         raise ValueError(
             f"weighted_coding_rate expects (m, d) rows and (m,) weights, got {tuple(z.shape)}, {tuple(weights.shape)}"
         )
-    if scale not in ("mcr2", "official"):
-        raise ValueError(f"scale must be 'mcr2' or 'official', got {scale!r}")
     d = z.shape[1]
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=z.device.type, enabled=False):
         weights = weights.to(dtype)
         z = z.to(dtype) * weights.sqrt()[:, None]
-        n = weights.sum()
-        c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
+        c = rate_constant(weights.sum(), d, eps, scale)
         gram = z @ z.T if z.shape[0] <= d else z.T @ z
         return half_logdet_plus_identity(gram, c)
 
@@ -117,6 +112,18 @@ def weighted_coding_rate(
 def once_each(labels: torch.Tensor) -> torch.Tensor:
     """(B,) weights 1 / (how many items of the batch share the item's label): summed over a class, 1."""
     return 1 / (labels[:, None] == labels[None, :]).sum(dim=1)
+
+
+def rate_constant(n: Any, d: int, eps: float, scale: Scale) -> Any:
+    """c of the coding rate of n vectors of d dimensions (``n`` a number or a tensor): d / (n eps) for
+    ``mcr2``, n / (d eps) for ``official``.
+
+    Raises:
+        ValueError: another scale.
+    """
+    if scale not in ("mcr2", "official"):
+        raise ValueError(f"scale must be 'mcr2' or 'official', got {scale!r}")
+    return d / (n * eps) if scale == "mcr2" else n / (d * eps)
 
 
 def half_logdet_plus_identity(gram: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:

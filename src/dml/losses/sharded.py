@@ -31,6 +31,7 @@ from dml.functional import (
     half_logdet_plus_identity,
     masked_logsumexp_plus_one,
     once_each,
+    rate_constant,
 )
 
 if TYPE_CHECKING:
@@ -163,5 +164,5 @@ def _rate_of_gram(
             z = z * weights.to(dtype).sqrt()[:, None]
         n = n.to(dtype) if isinstance(n, torch.Tensor) else n  # a number stays one: no copy to the device
         gram = sum_over_ranks(z.T @ z)
-        c = d / (n * eps) if scale == "mcr2" else n / (d * eps)
+        c = rate_constant(n, d, eps, scale)
         return half_logdet_plus_identity(gram, c)
