@@ -1,11 +1,14 @@
 """Run by tests/test_sharded_proxies.py in its own interpreter: on WORLD gloo ranks (argument 1; port:
 argument 2), every proxy term with its bank sharded gives, in float64, the loss, the gradients to every
 embedding and every proxy, and the proxies after one optimizer step of one process holding the whole bank
-on the same global batch. Prints "<term> ok" per term on rank 0, or what differs."""
+on the same global batch: with the batch split evenly over the ranks, and unevenly (each rank a different
+number of items, which gather_batch pads and cuts). Prints "<term> ok" and "<term> uneven ok" per term on
+rank 0, or what differs."""
 
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import sys
 from collections.abc import Callable
@@ -75,9 +78,13 @@ def rank_main(rank: int, world: int, port: str) -> None:
     torch.set_default_dtype(torch.float64)
     x, y = data()
     lo, hi = shard_bounds(C, world, rank)
-    chunk = slice(rank * B // world, (rank + 1) * B // world)
+    uneven = {2: [0, 9, B], 3: [0, 5, 14, B]}[world]  # each rank's own count
+    layouts = {
+        "": slice(rank * B // world, (rank + 1) * B // world),
+        " uneven": slice(uneven[rank], uneven[rank + 1]),
+    }
     report = []
-    for name, make in terms().items():
+    for (layout, chunk), (name, make) in itertools.product(layouts.items(), terms().items()):
         whole = bank()
         expected = one_step(make(whole), x.clone().requires_grad_(), y, whole)
         part = bank()
@@ -97,11 +104,11 @@ def rank_main(rank: int, world: int, port: str) -> None:
             "proxy gradients": (got["proxy_grad"] - expected["proxy_grad"][lo:hi]).abs().max().item(),
             "proxies after a step": (got["proxies"] - expected["proxies"][lo:hi]).abs().max().item(),
         }
-        report.append((name, rank, errors))
+        report.append((name + layout, rank, errors))
     everyone: list = [None] * world
     dist.all_gather_object(everyone, report)
     if rank == 0:
-        for i, name in enumerate(terms()):
+        for i, name in enumerate(line for line, _, _ in everyone[0]):
             worst = {k: max(r[i][2][k] for r in everyone) for k in everyone[0][i][2]}
             bad = {k: v for k, v in worst.items() if not v <= TOLERANCE}
             print(f"{name} ok" if not bad else f"{name} differs on {world} ranks: {bad}", flush=True)

@@ -26,17 +26,39 @@ def world_size() -> int:
 def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All ranks' (embeddings, labels), in rank order; only this rank's chunk carries gradient.
 
-    Every rank must pass the same number of items (the class-balanced sampler guarantees it).
+    The ranks may pass different numbers of items (dml's samplers never do; a sampler of one's own, or a
+    last short batch, may): each rank's count is exchanged on the host, over a gloo group (no wait for the
+    device), and the chunks are padded to the largest for the gather and cut back after it.
     """
     n = world_size()
     if n == 1:
         return embeddings, labels
-    chunks = [torch.empty_like(embeddings) for _ in range(n)]
-    dist.all_gather(chunks, embeddings.detach().contiguous())
+    sizes = _sizes_on_every_rank(len(embeddings))
+    most = max(sizes)
+    chunks = _gathered(embeddings.detach(), most)
     chunks[dist.get_rank()] = embeddings
-    label_chunks = [torch.empty_like(labels) for _ in range(n)]
-    dist.all_gather(label_chunks, labels.contiguous())
-    return torch.cat(chunks), torch.cat(label_chunks)
+    label_chunks = _gathered(labels, most)
+    return (
+        torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes, strict=True)]),
+        torch.cat([chunk[:size] for chunk, size in zip(label_chunks, sizes, strict=True)]),
+    )
+
+
+def _gathered(x: torch.Tensor, most: int) -> list[torch.Tensor]:
+    """Every rank's ``x``, each padded to ``most`` rows."""
+    if len(x) < most:
+        x = torch.cat([x, x.new_zeros((most - len(x), *x.shape[1:]))])
+    chunks = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(chunks, x.contiguous())
+    return chunks
+
+
+def _sizes_on_every_rank(size: int) -> list[int]:
+    """Each rank's ``size``, exchanged over a gloo group with CPU tensors: under NCCL a count on the
+    device would have to be read back, waiting for the forward pass queued before it."""
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([size]), group=_host_group("sizes", timedelta(minutes=30)))
+    return [int(s) for s in sizes]
 
 
 def rescale_local_gradients(parameters: Iterable[torch.nn.Parameter], factor: int) -> None:
@@ -48,16 +70,23 @@ def rescale_local_gradients(parameters: Iterable[torch.nn.Parameter], factor: in
             p.grad.mul_(factor)
 
 
-_PATIENT: dict[str, Any] = {}  # the process group of waits that may be long, made once
+_HOST_GROUPS: dict[tuple[str, int], Any] = {}  # gloo groups of host-side exchanges, made once per run
+
+
+def _host_group(name: str, timeout: timedelta) -> Any:
+    """A gloo process group of every rank for exchanges on the host, made on first use (every rank makes
+    its groups in the same order: each at the same collective call) and kept for the default group's life."""
+    key = (name, id(dist.group.WORLD))
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
+    return _HOST_GROUPS[key]
 
 
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj``, on every rank. The others may wait long (rank 0 scoring a large split): the wait
     goes through a gloo group of its own with a day's timeout, not the training backend's watchdog."""
-    if "group" not in _PATIENT:
-        _PATIENT["group"] = dist.new_group(backend="gloo", timeout=timedelta(days=1))
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_PATIENT["group"])
+    dist.broadcast_object_list(box, src=0, group=_host_group("patient", timedelta(days=1)))
     return box[0]
 
 
