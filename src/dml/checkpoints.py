@@ -97,9 +97,27 @@ def without_pretrained_weights(run_cfg: DictConfig) -> None:
             run_cfg.backbone[key] = value
 
 
+def _on_the_cpu(storage: Any, location: str) -> Any:
+    """Lightning's default ``map_location``: each tensor stays where loading puts it (the CPU)."""
+    return storage
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a hidden file beside its target, flushes it to disk and renames it over
-    the target: a full disk or a kill leaves the previous checkpoint as it was."""
+    the target: a full disk or a kill leaves the previous checkpoint as it was.
+
+    Reads a local checkpoint mapped, not copied: a process resuming a run whose proxies are sharded
+    keeps its own slice of the bank and of its optimizer state, and the rest stays in the page cache,
+    shared by the processes (a whole bank of 10^7 classes and its Adam moments are 60 GB). Since files are
+    replaced by renaming, a checkpoint written later leaves a mapped one as it was.
+    """
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = _on_the_cpu, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if "://" in str(path) or not Path(path).is_file():
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
