@@ -3,7 +3,8 @@ argument 2), every proxy term with its bank sharded gives, in float64, the loss,
 embedding and every proxy, and the proxies after one optimizer step of one process holding the whole bank
 on the same global batch: with the batch split evenly over the ranks, and unevenly (each rank a different
 number of items, which gather_batch pads and cuts). Prints "<term> ok" and "<term> uneven ok" per term on
-rank 0, or what differs."""
+rank 0, or what differs. Then, with negative proxies sampled (each rank drawing from its slice), the
+terms over the sampled proxies of every rank equal one process holding just those: "<term> sampled ok"."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from dml.losses import AntiCoLoss, ProxyAnchorLoss, ProxyNCALoss
 from dml.losses.distributed import gather_batch
 from dml.losses.proxy import ProxyBank
+from dml.losses.proxy_sampling import ProxySampler
 from dml.losses.sharded import shard_bounds
 
 B, D, C = 24, 8, 10
@@ -72,6 +74,52 @@ def one_step(term: Callable, x: torch.Tensor, y: torch.Tensor, proxies: ProxyBan
     }
 
 
+SAMPLED = (
+    "proxy_anchor",
+    "proxy_nca",
+    "proxy_nca_exclude_positive",
+    "antico_all_proxy",
+    "proxy_anchor_plus_antico",
+)
+
+
+def sampled_step(
+    make: Callable, part: ProxyBank, sampler: ProxySampler, x: torch.Tensor, y: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """One step of a term on ``part`` (its rank's items ``x``, ``y``) over the proxies ``sampler`` draws;
+    and the classes this rank's draw made active."""
+    loss_of, drawn = make(part), []
+
+    def sampled(x_local: torch.Tensor, y_local: torch.Tensor) -> torch.Tensor:
+        x_all, y_all = gather_batch(x_local, y_local)
+        part.active = sampler(part, y_all)
+        drawn.append(part.active)
+        try:
+            return loss_of(x_all, y_all)
+        finally:
+            part.active = None
+
+    got = one_step(sampled, x.clone().requires_grad_(), y, part)
+    return got, drawn[0].classes[drawn[0].weights > 0].tolist()
+
+
+def on_these_classes(
+    make: Callable, classes: list[int], x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """One step of a term for one process holding only the proxies of ``classes`` (sorted), written back
+    into the whole bank's shape: the gradient 0 and the proxies unchanged elsewhere."""
+    whole = bank()
+    only = ProxyBank(len(classes), D).double()
+    with torch.no_grad():
+        only.weight.copy_(whole.weight[classes])
+    step = one_step(
+        make(only), x.clone().requires_grad_(), torch.searchsorted(torch.tensor(classes), y), only
+    )
+    grad, after = torch.zeros_like(whole.weight), whole.weight.detach().clone()
+    grad[classes], after[classes] = step["proxy_grad"], step["proxies"]
+    return step | {"proxy_grad": grad, "proxies": after}
+
+
 def rank_main(rank: int, world: int, port: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -105,6 +153,25 @@ def rank_main(rank: int, world: int, port: str) -> None:
             "proxies after a step": (got["proxies"] - expected["proxies"][lo:hi]).abs().max().item(),
         }
         report.append((name + layout, rank, errors))
+    chunk, few = layouts[""], y % 4  # four classes in the batch: most proxies are there to be sampled or not
+    for name in SAMPLED:
+        part = bank()
+        part.shard(world, rank)
+        sampler = ProxySampler(0.3, seed=11)
+        sampler.for_rank(rank)
+        got, mine = sampled_step(terms()[name], part, sampler, x[chunk], few[chunk])
+        drawn: list = [None] * world
+        dist.all_gather_object(drawn, mine)
+        seen = sorted(set().union(*drawn))
+        assert {0, 1, 2, 3} <= set(seen) and len(seen) < C, seen  # the positives, and not every class
+        expected = on_these_classes(terms()[name], seen, x, few)
+        errors = {
+            "loss": (got["loss"] - expected["loss"]).abs().max().item(),
+            "embedding gradients": (got["x_grad"] - expected["x_grad"][chunk]).abs().max().item(),
+            "proxy gradients": (got["proxy_grad"] - expected["proxy_grad"][lo:hi]).abs().max().item(),
+            "proxies after a step": (got["proxies"] - expected["proxies"][lo:hi]).abs().max().item(),
+        }
+        report.append((f"{name} sampled", rank, errors))
     everyone: list = [None] * world
     dist.all_gather_object(everyone, report)
     if rank == 0:

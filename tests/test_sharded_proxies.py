@@ -4,6 +4,7 @@ bank, on 2 and 3 gloo processes (each run in its own interpreter)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from dml.losses.proxy import ProxyBank
 from dml.losses.sharded import shard_bounds
 from tests.conftest import ROOT
-from tests.sharded_proxies_worker import terms
+from tests.sharded_proxies_worker import SAMPLED, terms
 from tests.test_ddp import free_port
 
 
@@ -19,7 +20,8 @@ from tests.test_ddp import free_port
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo runs on Linux and macOS")
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_proxy_term_sharded_equals_one_process_with_the_whole_bank(world):
-    """Also with the ranks holding different numbers of items (gather_batch pads them)."""
+    """Also with the ranks holding different numbers of items (gather_batch pads them), and with negative
+    proxies sampled: equal to one process holding the proxies every rank drew."""
     proc = subprocess.run(
         [sys.executable, "-m", "tests.sharded_proxies_worker", str(world), str(free_port())],
         cwd=ROOT,
@@ -29,6 +31,7 @@ def test_every_proxy_term_sharded_equals_one_process_with_the_whole_bank(world):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     expected = [f"{name}{layout} ok" for layout in ("", " uneven") for name in terms()]
+    expected += [f"{name} sampled ok" for name in SAMPLED]
     assert proc.stdout.split("\n")[:-1] == expected, proc.stdout
 
 
@@ -126,3 +129,25 @@ def test_sharding_is_refused_where_it_cannot_work(compose_cfg):
     one = module("proxy_anchor")
     shard_proxies(one, 1, 0)  # one process: nothing to shard
     assert not one.loss.bank.sharded
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_resume_maps_the_checkpoint_instead_of_copying_it(tmp_path):
+    """Each process of a sharded run keeps its slice of a bank it reads mapped: the rest stays in the
+    page cache, shared (dml.checkpoints.AtomicCheckpointIO)."""
+    from dml.checkpoints import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"bank": torch.randn(4096, 64)}}, path)
+    bank = io.load_checkpoint(path)["state_dict"]["bank"]
+    assert bank.device.type == "cpu"
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path.resolve()):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            mapped.append((lo, hi))
+    assert any(lo <= bank.data_ptr() < hi for lo, hi in mapped), mapped
+    io.save_checkpoint({"state_dict": {"bank": torch.zeros(4096, 64)}}, path)  # replaced by renaming:
+    assert bank.abs().sum() > 0  # the mapped one reads as it was

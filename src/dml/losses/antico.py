@@ -53,12 +53,10 @@ class AntiCoLoss(nn.Module):
         """Args: embeddings (B, d); labels (B,) class indices (unused by ``pair``). Returns a scalar."""
         if self.variant == "pair":
             rate = coding_rate(embeddings, eps=self.eps, scale=self.scale)
-        elif self.proxies is not None and self.proxies.sharded:
-            bank = self.proxies
-            if self.variant == "batch_proxy":
-                rate = sharded.batch_proxy_coding_rate(bank, labels, self.eps, self.scale)
-            else:
-                rate = sharded.proxy_coding_rate(bank.normalized(), bank.num_classes, self.eps, self.scale)
+        elif self.proxies is not None and self.variant == "batch_proxy" and self.proxies.sharded:
+            rate = sharded.batch_proxy_coding_rate(self.proxies, labels, self.eps, self.scale)
+        elif self.proxies is not None and self.variant == "all_proxy" and self.proxies.partial:
+            rate = sharded.proxy_coding_rate(self.proxies.seen(), self.eps, self.scale)  # sharded or sampled
         elif self.variant == "batch_proxy":
             assert self.proxies is not None  # every variant but pair has a bank
             # the batch's proxies, each class once: weights 1/count, not unique() (the host would wait)

@@ -11,6 +11,7 @@ from torch import nn
 
 from dml.losses.miners import Miner
 from dml.losses.proxy import ProxyBank
+from dml.losses.proxy_sampling import ProxySampler
 
 
 class Term(nn.Module):
@@ -42,6 +43,10 @@ class CompositeLoss(nn.Module):
             the kaiming-normal (fan_out) initialisation (see :class:`ProxyBank`).
         shard_proxies: under DDP, each process holds a slice of the proxy bank only (see
             :mod:`dml.models.sharding`); nothing on one process.
+        proxy_sample_rate: below 1, each training step's proxy terms see the proxies of the batch's
+            classes and this share of the others, drawn afresh (:mod:`dml.losses.proxy_sampling`); 1 sees
+            them all. Evaluation always sees all.
+        proxy_sample_seed: the seed of that draw.
 
     ``forward`` returns a dict: ``loss`` (the weighted sum) and each term's unweighted value by name.
     """
@@ -54,6 +59,8 @@ class CompositeLoss(nn.Module):
         antico_weight: float | None = None,
         proxy_init_std: float | None = None,
         shard_proxies: bool = False,
+        proxy_sample_rate: float = 1.0,
+        proxy_sample_seed: int = 0,
     ):
         super().__init__()
         self.shard_proxies = shard_proxies
@@ -78,6 +85,7 @@ class CompositeLoss(nn.Module):
             # Offered to a term that did not keep it (AntiCo's pair variant): a parameter no term uses
             # would make DDP refuse the model.
             self._proxies = None
+        self.sampler = _sampler(proxy_sample_rate, proxy_sample_seed, self._proxies, list(self.terms))
 
     @property
     def bank(self) -> ProxyBank | None:
@@ -147,12 +155,30 @@ class CompositeLoss(nn.Module):
         """Args: embeddings (B, d); labels (B,). Returns {"loss": scalar, <term>: scalar, ...}."""
         out: dict[str, torch.Tensor] = {}
         total = embeddings.new_zeros((), dtype=torch.float32)
-        for name, term in self.terms.items():
-            value = term(embeddings, labels)
-            out[name] = value.detach()
-            total = total + self.weights[name] * value.float()
+        bank = self._proxies
+        if bank is not None and self.sampler is not None and self.training:
+            bank.active = self.sampler(bank, labels)  # one draw that every proxy term of the step sees
+        try:
+            for name, term in self.terms.items():
+                value = term(embeddings, labels)
+                out[name] = value.detach()
+                total = total + self.weights[name] * value.float()
+        finally:
+            if bank is not None:
+                bank.active = None
         out["loss"] = total
         return out
+
+
+def _sampler(rate: float, seed: int, bank: ProxyBank | None, terms: list[str]) -> ProxySampler | None:
+    if rate == 1:
+        return None
+    if bank is None:
+        raise ValueError(
+            f"loss.proxy_sample_rate={rate}, but the loss ({', '.join(terms)}) has no class proxies to "
+            "sample: set loss.proxy_sample_rate=1"
+        )
+    return ProxySampler(rate, seed)
 
 
 def _group(name: str, params: list[nn.Parameter], lr: float, weight_decay: float | None) -> dict[str, Any]:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dml.functional import cosine_similarity, masked_logsumexp_plus_one
 from dml.losses import sharded
+
+if TYPE_CHECKING:
+    from dml.losses.proxy_sampling import Active
 
 
 class ProxyBank(nn.Module):
@@ -30,6 +35,20 @@ class ProxyBank(nn.Module):
         else:
             nn.init.normal_(self.weight, std=init_std)
         self.offset, self.total = 0, num_classes  # the classes this bank holds: offset .. offset + rows
+        self.active: Active | None = None  # the proxies this step sees, when a sampler drew them
+
+    @property
+    def partial(self) -> bool:
+        """Whether the terms see part of the classes here: a slice (sharded) or a sample (:attr:`active`)."""
+        return self.sharded or self.active is not None
+
+    def seen(self) -> sharded.Proxies:
+        """The proxies the terms see on this rank: the sampled ones, or all it holds."""
+        if self.active is not None:
+            a = self.active
+            return sharded.Proxies(self.weight[a.rows], a.classes, a.weights, a.count, self.sharded)
+        classes = torch.arange(self.offset, self.offset + len(self.weight), device=self.weight.device)
+        return sharded.Proxies(self.weight, classes, None, self.total, True)
 
     @property
     def sharded(self) -> bool:
@@ -116,11 +135,8 @@ class ProxyAnchorLoss(nn.Module):
         """Args: embeddings (B, d); labels (B,) in [0, C). Returns a scalar."""
         num_classes = self.proxies.num_classes
         _check_labels(labels, num_classes)
-        if self.proxies.sharded:
-            bank = self.proxies
-            return sharded.proxy_anchor(
-                embeddings, labels, bank.weight, bank.offset, num_classes, self.alpha, self.delta
-            )
+        if self.proxies.partial:
+            return sharded.proxy_anchor(embeddings, labels, self.proxies.seen(), self.alpha, self.delta)
         # float32 logits: alpha * cos reaches 64 and exp of that overflows half precision.
         cos = cosine_similarity(embeddings, self.proxies.weight)  # (B, C)
         pos = labels[:, None] == torch.arange(num_classes, device=labels.device)  # one_hot, unchecked
@@ -157,10 +173,9 @@ class ProxyNCALoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Args: embeddings (B, d); labels (B,) in [0, C). Returns a scalar."""
         _check_labels(labels, self.proxies.num_classes)
-        if self.proxies.sharded:
-            bank = self.proxies
+        if self.proxies.partial:
             return sharded.proxy_nca(
-                embeddings, labels, bank.weight, bank.offset, self.scale, self.exclude_positive
+                embeddings, labels, self.proxies.seen(), self.scale, self.exclude_positive
             )
         logits = -self.scale * (
             2 - 2 * cosine_similarity(embeddings, self.proxies.weight)

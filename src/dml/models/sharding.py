@@ -57,6 +57,9 @@ def shard_proxies(module: L.LightningModule, world: int, rank: int) -> None:
             "set loss.shard_proxies=false"
         )
     bank.shard(world, rank)
+    sampler = getattr(module.loss, "sampler", None)
+    if sampler is not None:
+        sampler.for_rank(rank)  # each rank samples its own slice: streams of their own
     log.info(
         "process %d holds class proxies %d to %d of %d",
         rank,
