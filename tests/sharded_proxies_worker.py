@@ -4,7 +4,8 @@ embedding and every proxy, and the proxies after one optimizer step of one proce
 on the same global batch: with the batch split evenly over the ranks, and unevenly (each rank a different
 number of items, which gather_batch pads and cuts). Prints "<term> ok" and "<term> uneven ok" per term on
 rank 0, or what differs. Then, with negative proxies sampled (each rank drawing from its slice), the
-terms over the sampled proxies of every rank equal one process holding just those: "<term> sampled ok"."""
+terms over the sampled proxies of every rank equal one process holding just those: "<term> sampled ok".
+Last, the bank gathered for a checkpoint a few rows at a time: "gathered in pieces ok"."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dml.losses.distributed import gather_batch
 from dml.losses.proxy import ProxyBank
 from dml.losses.proxy_sampling import ProxySampler
 from dml.losses.sharded import shard_bounds
+from dml.models.sharding import _gather_rows
 
 B, D, C = 24, 8, 10
 TOLERANCE = 1e-10
@@ -172,6 +174,11 @@ def rank_main(rank: int, world: int, port: str) -> None:
             "proxies after a step": (got["proxies"] - expected["proxies"][lo:hi]).abs().max().item(),
         }
         report.append((f"{name} sampled", rank, errors))
+    part = bank()
+    part.shard(world, rank)
+    whole = _gather_rows(part.weight.detach(), C, rows=2)  # a checkpoint's bank, two rows a rank at a time
+    error = 0.0 if whole is None else (whole - bank().weight.detach()).abs().max().item()
+    report.append(("gathered in pieces", rank, {"bank": error}))
     everyone: list = [None] * world
     dist.all_gather_object(everyone, report)
     if rank == 0:

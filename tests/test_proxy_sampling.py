@@ -33,6 +33,20 @@ def test_a_draw_holds_every_positive_and_its_share_of_the_others_each_counting_o
     assert not torch.equal(ProxySampler(0.2, seed=2)(proxies, labels).rows, active.rows)
 
 
+def test_a_draw_follows_from_the_seed_and_the_count_so_replicated_ranks_and_a_resume_draw_alike():
+    proxies, labels = ProxyBank(50, 4), torch.tensor([1, 1, 9, 9])
+    rank0, rank1 = ProxySampler(0.2, seed=5), ProxySampler(0.2, seed=5)  # one replicated bank, two ranks
+    first = [rank0(proxies, labels).rows for _ in range(3)]
+    assert all(torch.equal(rows, rank1(proxies, labels).rows) for rows in first)
+    assert not torch.equal(first[0], first[1])  # a fresh draw each step
+    resumed = ProxySampler(0.2, seed=5)  # from a checkpoint: the count goes on
+    resumed.load_generator_states(rank0.generator_states())
+    assert torch.equal(resumed(proxies, labels).rows, rank0(proxies, labels).rows)
+    own = ProxySampler(0.2, seed=5)
+    own.for_rank(1)  # a sharded bank's rank 1 draws from streams of its own
+    assert not torch.equal(own(proxies, labels).rows, first[0])
+
+
 @pytest.mark.parametrize("name", SAMPLED)
 def test_every_term_over_a_draw_equals_one_process_holding_just_the_drawn_proxies(name):
     torch.set_default_dtype(torch.float64)

@@ -31,7 +31,7 @@ def test_every_proxy_term_sharded_equals_one_process_with_the_whole_bank(world):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     expected = [f"{name}{layout} ok" for layout in ("", " uneven") for name in terms()]
-    expected += [f"{name} sampled ok" for name in SAMPLED]
+    expected += [f"{name} sampled ok" for name in SAMPLED] + ["gathered in pieces ok"]
     assert proc.stdout.split("\n")[:-1] == expected, proc.stdout
 
 
@@ -116,7 +116,9 @@ def test_sharding_is_refused_where_it_cannot_work(compose_cfg):
     def module(loss: str, **trainer):
         cfg = compose_cfg([f"loss={loss}", "dataset=cub", "dataset.num_train_classes=4"])
         clip = {"gradient_clip_val": None, "gradient_clip_algorithm": "norm"} | trainer
-        return SimpleNamespace(loss=instantiate(cfg.loss), trainer=SimpleNamespace(**clip))
+        holder = torch.nn.Module()
+        holder.loss, holder.trainer = instantiate(cfg.loss), SimpleNamespace(**clip)
+        return holder
 
     with pytest.raises(UserError, match="has no class proxies to shard"):
         shard_proxies(module("contrastive"), 2, 0)
@@ -126,6 +128,9 @@ def test_sharding_is_refused_where_it_cannot_work(compose_cfg):
         shard_proxies(module("proxy_anchor", gradient_clip_val=10.0), 2, 0)
     with pytest.raises(UserError, match="use bf16-mixed or 32-true"):
         shard_proxies(module("proxy_anchor", precision="16-mixed"), 2, 0)
+    bf16 = module("proxy_anchor", precision="bf16-mixed")  # trainer=ddp's precision: no loss scaling
+    shard_proxies(bf16, 2, 0)
+    assert bf16.loss.bank.sharded
     one = module("proxy_anchor")
     shard_proxies(one, 1, 0)  # one process: nothing to shard
     assert not one.loss.bank.sharded

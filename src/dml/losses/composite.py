@@ -141,14 +141,19 @@ class CompositeLoss(nn.Module):
         return groups
 
     def random_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The generator states of every miner in the loss, by module name, for checkpoints."""
-        return {name: m.generator_states() for name, m in self.named_modules() if isinstance(m, Miner)}
+        """The generator states of every miner in the loss, and the proxy sampler's draw count, by module
+        name, for checkpoints."""
+        return {
+            name: m.generator_states()
+            for name, m in self.named_modules()
+            if isinstance(m, Miner | ProxySampler)
+        }
 
     def load_random_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Restore what :meth:`random_state` returned; miners the loss no longer has are ignored."""
         miners = dict(self.named_modules())
         for name, generators in state.items():
-            if isinstance(miners.get(name), Miner):
+            if isinstance(miners.get(name), Miner | ProxySampler):
                 miners[name].load_generator_states(generators)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from dml.functional import once_each
-from dml.losses.miners import Miner
 from dml.losses.sharded import sum_over_ranks
 
 if TYPE_CHECKING:
@@ -38,33 +38,47 @@ class Active:
     count: torch.Tensor
 
 
-class ProxySampler(Miner):
-    """Draws the proxies a training step sees (module docstring), from its own seeded generator, whose
-    state goes into checkpoints with the loss's miners'.
+class ProxySampler(nn.Module):
+    """Draws the proxies a training step sees (module docstring).
+
+    Draw n of a run is a function of (``seed``, the rank when the bank is sharded, n) alone: a generator
+    seeded with those, on the labels' device. Replicated over processes, every rank therefore draws the
+    same proxies, as it must; a resume goes on with the next draw, on any number of processes and on any
+    device, since n goes into checkpoints with the miners' random state (the same n on every rank).
 
     Args:
         rate: the share of this rank's proxies drawn as negatives, in (0, 1).
-        seed: the generator's seed (on a sharded bank each rank draws from its own: :meth:`for_rank`).
+        seed: the draws' seed.
     """
 
     def __init__(self, rate: float, seed: int = 0):
         if not 0 < rate < 1:
             raise ValueError(f"the proxy sample rate must lie in (0, 1) (1 samples nothing), got {rate}")
-        super().__init__(seed)
-        self.rate = rate
+        super().__init__()
+        self.rate, self.seed, self.rank, self.draws = rate, seed, 0, 0
 
     def for_rank(self, rank: int) -> None:
-        """Draw from a stream of rank ``rank``'s own (each rank samples a slice of its own)."""
-        if self._generators:
-            raise RuntimeError("the proxy sampler has drawn already: set its rank before the first step")
-        self.seed = int(np.random.SeedSequence([self.seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        """Draw from rank ``rank``'s own streams (each rank of a sharded bank samples a slice of its own)."""
+        self.rank = rank
+
+    def generator_states(self) -> dict[str, torch.Tensor]:
+        """How many draws were made: checkpoints keep it with the miners' generators."""
+        return {"draws": torch.tensor(self.draws)}
+
+    def load_generator_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.draws = int(states["draws"])
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        words = np.random.SeedSequence([self.seed, self.rank, self.draws]).generate_state(2, dtype=np.uint32)
+        self.draws += 1
+        return torch.Generator(device=device).manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
 
     def forward(self, bank: ProxyBank, labels: torch.Tensor) -> Active:  # type: ignore[override]
         """The proxies of ``bank`` (this rank's slice of a sharded one) that this step sees, for the global
         batch's ``labels``."""
         with torch.no_grad():
             m, device = len(bank.weight), labels.device
-            negatives = torch.randperm(m, generator=self.generator(device), device=device)
+            negatives = torch.randperm(m, generator=self._generator(device), device=device)
             negatives = negatives[: min(m, math.ceil(self.rate * m))]
             local = labels - bank.offset
             owned = (local >= 0) & (local < m)

@@ -370,7 +370,7 @@ class DMLModule(L.LightningModule):
         sharding.whole_bank_into(self, checkpoint)  # the whole bank: a checkpoint loads on any process count
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sharding.bank_slice_from(self, checkpoint)
+        sharding.loaded_from(self, checkpoint)  # read mapped: this rank's slice of the bank, copied
         states = checkpoint.get("dml_rng")
         if not states:
             return

@@ -45,7 +45,7 @@ def shard_proxies(module: L.LightningModule, world: int, rank: int) -> None:
             f"{bank.total}: set loss.shard_proxies=false"
         )
     trainer = module.trainer
-    if "16-mixed" in str(getattr(trainer, "precision", "")):
+    if str(getattr(trainer, "precision", "")) == "16-mixed":  # bf16-mixed has no loss scaling: allowed
         raise UserError(
             "loss.shard_proxies=true with trainer.precision=16-mixed: each process would decide alone whether "
             "its gradients overflowed and skip its step alone; use bf16-mixed or 32-true"
@@ -100,15 +100,25 @@ def whole_bank_into(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None
         state[index] = entry
 
 
-def bank_slice_from(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Cut this rank's slice of the bank, and of its optimizer state, out of a checkpoint holding the whole
-    (``on_load_checkpoint``, before Lightning loads it)."""
+def loaded_from(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Prepare a checkpoint read mapped (``on_load_checkpoint``, before Lightning loads it): cut this rank's
+    slice of a whole bank, and of its optimizer state, and copy the optimizer state into this process's
+    own memory (loading it on the CPU would otherwise keep views of the file: a file rewritten in place
+    would change them)."""
     bank = getattr(module.loss, "bank", None)
-    if bank is None or not bank.sharded:
-        return
+    if bank is not None and bank.sharded:
+        _cut_slice(bank, _bank_names(module, bank), checkpoint)
+    for optimizer in checkpoint.get("optimizer_states", []):
+        for entry in optimizer.get("state", {}).values():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    entry[key] = value.clone()
+
+
+def _cut_slice(bank: ProxyBank, names: list[str], checkpoint: dict[str, Any]) -> None:
     rows = slice(bank.offset, bank.offset + len(bank.weight))
     whole_shape = (bank.total, *bank.weight.shape[1:])
-    for name in _bank_names(module, bank):
+    for name in names:
         value = checkpoint["state_dict"].get(name)
         if value is not None and value.shape == whole_shape:
             checkpoint["state_dict"][name] = value[rows]
@@ -130,15 +140,25 @@ def _bank_states(checkpoint: dict[str, Any]) -> list[tuple[dict[int, Any], int]]
     return out
 
 
-def _gather_rows(part: torch.Tensor, total: int) -> torch.Tensor | None:
+GATHER_ROWS = 1 << 16  # rows a process sends at a time when a checkpoint gathers the bank
+
+
+def _gather_rows(part: torch.Tensor, total: int, rows: int = GATHER_ROWS) -> torch.Tensor | None:
     """Every rank's rows of a sharded tensor in class order, on rank 0's CPU (None on the other ranks,
-    which only send theirs)."""
+    which only send theirs). ``rows`` at a time from each rank: rank 0's device holds ``world * rows``
+    rows at once, never the whole bank."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    sizes = [hi - lo for lo, hi in (shard_bounds(total, world, r) for r in range(world))]
-    padded = part.new_zeros((max(sizes), *part.shape[1:]))
-    padded[: len(part)] = part
-    chunks = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    dist.gather(padded.contiguous(), chunks, dst=0)
-    if chunks is None:
-        return None
-    return torch.cat([chunk[:size].cpu() for chunk, size in zip(chunks, sizes, strict=True)])
+    bounds = [shard_bounds(total, world, r) for r in range(world)]
+    most = max(hi - lo for lo, hi in bounds)
+    whole = torch.empty((total, *part.shape[1:]), dtype=part.dtype) if rank == 0 else None
+    for start in range(0, most, rows):
+        piece = part.new_zeros((min(rows, most - start), *part.shape[1:]))
+        mine = part[start : start + len(piece)]
+        piece[: len(mine)] = mine
+        pieces = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None
+        dist.gather(piece, pieces, dst=0)
+        if whole is not None and pieces is not None:
+            for (lo, hi), got in zip(bounds, pieces, strict=True):
+                n = max(0, min(hi - lo - start, len(piece)))
+                whole[lo + start : lo + start + n] = got[:n].cpu()
+    return whole
