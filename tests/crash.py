@@ -27,3 +27,16 @@ class SignalAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signal_module, self.signal))
+
+
+class KillAtPredictBatch(L.Callback):
+    """SIGKILLs this process, as the OOM killer or a lost node would, once ``batch`` batches of a predict
+    run (embed.py's) are embedded."""
+
+    def __init__(self, batch: int):
+        self.batch, self.seen = batch, 0
+
+    def on_predict_batch_end(self, *args) -> None:
+        self.seen += 1
+        if self.seen >= self.batch:
+            os.kill(os.getpid(), signal_module.SIGKILL)

@@ -42,13 +42,17 @@ def no_embedding(monkeypatch):
 # --- embed.py: out= is checked before the model runs (case 4) -------------------------------------------
 
 
-def test_embed_refuses_an_existing_folder_even_with_overwrite_before_any_work(checkpoint, tmp_path, no_work):
+def test_embed_refuses_a_folder_of_other_files_even_with_overwrite_before_any_work(
+    checkpoint, tmp_path, no_work
+):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
     cfg = task_config(
         "embed", tmp_path, f"ckpt_path={checkpoint}", f"out={tmp_path / 'out'}", "overwrite=true"
     )
-    with pytest.raises(UserError, match=r"out='.*/out' is a folder; give the path of a file"):
+    with pytest.raises(UserError, match=r"out='.*/out' holds other files and no embeddings.json: refusing"):
         embed_task(cfg)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
 
 
 def test_embed_refuses_a_read_only_folder_before_any_work(checkpoint, tmp_path, no_work):

@@ -14,7 +14,9 @@ from rich.markup import escape
 from dml.errors import UserError, whole_number
 from dml.inference import Embedder, Embeddings, Index, SearchResult, export
 from dml.inference.exporting import export_formats
+from dml.inference.predicting import embed_to_shards
 from dml.inference.results import JSON_NAME, results_json, results_page, rows, short_name, write_results
+from dml.inference.shards import MANIFEST, check_folder_for, load_embeddings
 from dml.io import check_output, check_space
 from dml.log import get_logger
 
@@ -22,11 +24,15 @@ log = get_logger(__name__)
 
 
 def embed_task(cfg: DictConfig) -> dict[str, float]:
-    """Embed ``cfg.images`` with ``cfg.ckpt_path`` into ``cfg.out``."""
+    """Embed ``cfg.images`` with ``cfg.ckpt_path`` into ``cfg.out``: a folder of shards, or one file."""
     out = Path(cfg.out)
-    check_output(out, "out", cfg.overwrite)  # before any work: nothing finished is overwritten
     whole_number(cfg.batch_size, "batch_size")
     whole_number(cfg.num_workers, "num_workers", least=0)
+    if out.suffix != ".safetensors":
+        return _embed_shards(cfg, out)
+    if cfg.resume:
+        raise UserError(f"resume=true goes on with a folder of shards, and out={str(out)!r} is one file")
+    check_output(out, "out", cfg.overwrite)  # before any work: nothing finished is overwritten
     embedder = Embedder.from_checkpoint(cfg.ckpt_path, device=cfg.device, dataset_root=cfg.dataset_root)
     images = embedder.resolve(str(cfg.images))
     # before the model runs: room for what it will write
@@ -34,17 +40,52 @@ def embed_task(cfg: DictConfig) -> dict[str, float]:
     embeddings = embedder.embed(images, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True)
     embeddings.save(out, overwrite=cfg.overwrite)
     print(f"{len(embeddings.names)} embeddings ({embeddings.dim}-d, {embeddings.metric}) written to {out}")  # noqa: T201
-    if embeddings.skipped:
-        listed = "\n".join(f"  {s['path']}: {s['error']}" for s in embeddings.skipped)
-        print(f"{len(embeddings.skipped)} unreadable images skipped:\n{listed}")  # noqa: T201
+    _say_skipped(embeddings.skipped)
     return {"embedded": float(len(embeddings.names)), "skipped": float(len(embeddings.skipped))}
+
+
+def _embed_shards(cfg: DictConfig, out: Path) -> dict[str, float]:
+    from hydra.utils import instantiate
+
+    for key in ("shard_size", "devices", "num_nodes"):
+        whole_number(cfg[key], key)
+    check_folder_for(out, cfg.resume, cfg.overwrite)  # before any work: nothing finished is overwritten
+    embedder = Embedder.from_checkpoint(cfg.ckpt_path, device=cfg.device, dataset_root=cfg.dataset_root)
+    inputs = embedder.inputs(embedder.resolve(str(cfg.images)))
+    check_space(out / MANIFEST, "out", Embeddings.file_size(len(inputs.names), embedder.dim))
+    done = embed_to_shards(
+        embedder,
+        inputs,
+        out,
+        shard_size=cfg.shard_size,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        callbacks=[instantiate(c) for c in (cfg.get("callbacks") or {}).values()],
+    )
+    if done is None:  # another process of the run: the first one reports
+        return {}
+    print(  # noqa: T201
+        f"{done.count} embeddings ({done.dim}-d, {done.metric}) written to {out} in {done.shards} shard(s)"
+    )
+    _say_skipped(done.skipped)
+    return {"embedded": float(done.count), "skipped": float(len(done.skipped))}
+
+
+def _say_skipped(skipped: list[dict[str, str]]) -> None:
+    if skipped:
+        listed = "\n".join(f"  {s['path']}: {s['error']}" for s in skipped)
+        print(f"{len(skipped)} unreadable images skipped:\n{listed}")  # noqa: T201
 
 
 def index_task(cfg: DictConfig) -> dict[str, float]:
     """Build and save the index of ``cfg.embeddings``."""
     out = Path(cfg.out)
     check_output(out, "out", cfg.overwrite, marker="meta.json")
-    embeddings = Embeddings.load(cfg.embeddings)
+    embeddings = load_embeddings(cfg.embeddings)
     check_space(out / "index.faiss", "out", Index.file_size(embeddings))
     index = Index.build(
         embeddings,

@@ -20,6 +20,7 @@ from dml.io import file_sha256
 from dml.log import get_logger
 
 if TYPE_CHECKING:
+    from dml.inference.predicting import Inputs
     from dml.models.module import DMLModule
 
 log = get_logger(__name__)
@@ -315,6 +316,17 @@ class Embedder:
         raise UserError(
             f"{key}={images!r} is neither an image file, a folder, nor a split ({', '.join(SPLITS)})"
         )
+
+    def inputs(self, source: list[Path] | tuple[str, str | None]) -> Inputs:
+        """What :meth:`resolve` made of ``images``, as the names and items a run embeds, in order."""
+        from dml.inference.predicting import Inputs
+
+        if isinstance(source, list):
+            return Inputs([str(p.resolve()) for p in source], files=source)
+        split, role = source
+        data, positions = self._split_positions(split, role)
+        names = [f"{self.dataset_name}:{split}/{i}" for i in positions.tolist()]
+        return Inputs(names, split=data, positions=positions.tolist())
 
     def count(self, source: list[Path] | tuple[str, str | None]) -> int:
         """How many images :meth:`embed` would embed for ``source`` (from :meth:`resolve`), embedding none."""

@@ -44,14 +44,14 @@ if TYPE_CHECKING:
 
 class Proxies(NamedTuple):
     """The proxies a term sees on this rank (:meth:`~dml.losses.proxy.ProxyBank.seen`): ``weight`` rows
-    (not normalised) of global ``classes``; ``weights`` they count with (None: 1 each); ``count``, the
+    (not normalised) of global ``classes``; ``weights`` they count with (None: 1 each); ``n``, the
     number of proxies over all ranks; ``across``: whether the other ranks hold the others (a sharded bank),
     so that sums go over ranks."""
 
     weight: torch.Tensor
     classes: torch.Tensor
     weights: torch.Tensor | None
-    count: torch.Tensor | int
+    n: torch.Tensor | int
     across: bool
 
 
@@ -128,7 +128,7 @@ def proxy_anchor(
     with_positive = once_each(labels).sum().round()  # the classes in the batch: proxies with a positive
     positive = _weighted(torch.where(pos.any(dim=0), pos_term, torch.zeros_like(pos_term)), seen.weights)
     negative = _weighted(neg_term, seen.weights)
-    return sum_over_ranks(positive.sum() / with_positive + negative.sum() / seen.count, seen.across)
+    return sum_over_ranks(positive.sum() / with_positive + negative.sum() / seen.n, seen.across)
 
 
 def proxy_nca(
@@ -152,7 +152,7 @@ def proxy_coding_rate(seen: Proxies, eps: float, scale: Scale) -> torch.Tensor:
     """The coding rate of the (normalised) proxies ``seen`` on all the ranks, from the d x d Gram matrix
     summed over ranks."""
     z = F.normalize(seen.weight, dim=1)
-    return _rate_of_gram(z, seen.weights, seen.count, eps, scale, seen.across)
+    return _rate_of_gram(z, seen.weights, seen.n, eps, scale, seen.across)
 
 
 def batch_proxy_coding_rate(bank: ProxyBank, labels: torch.Tensor, eps: float, scale: Scale) -> torch.Tensor:
