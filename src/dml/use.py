@@ -14,9 +14,10 @@ from rich.markup import escape
 from dml.errors import UserError, whole_number
 from dml.inference import Embedder, Embeddings, Index, SearchResult, export
 from dml.inference.exporting import export_formats
+from dml.inference.index_shards import build_from_shards
 from dml.inference.predicting import embed_to_shards
 from dml.inference.results import JSON_NAME, results_json, results_page, rows, short_name, write_results
-from dml.inference.shards import MANIFEST, check_folder_for, load_embeddings
+from dml.inference.shards import MANIFEST, ShardedEmbeddings, check_folder_for
 from dml.io import check_output, check_space
 from dml.log import get_logger
 
@@ -82,22 +83,43 @@ def _say_skipped(skipped: list[dict[str, str]]) -> None:
 
 
 def index_task(cfg: DictConfig) -> dict[str, float]:
-    """Build and save the index of ``cfg.embeddings``."""
+    """Build and save the index of ``cfg.embeddings`` (a folder of shards, or one file)."""
     out = Path(cfg.out)
     check_output(out, "out", cfg.overwrite, marker="meta.json")
-    embeddings = load_embeddings(cfg.embeddings)
-    check_space(out / "index.faiss", "out", Index.file_size(embeddings))
-    index = Index.build(
-        embeddings,
-        kind=cfg.kind,
-        nlist=cfg.nlist,
-        nprobe=cfg.nprobe,
-        hnsw_m=cfg.hnsw_m,
-        ef_search=cfg.ef_search,
-        recall_queries=cfg.recall_queries,
-        recall_k=cfg.recall_k,
-        seed=cfg.seed,
-    )
+    if Path(cfg.embeddings).is_dir():
+        shards = ShardedEmbeddings(cfg.embeddings)  # every shard checked before any work
+        check_space(out / "index.faiss", "out", len(shards) * shards.dim * 4)
+        index = build_from_shards(
+            shards,
+            kind=cfg.kind,
+            nlist=cfg.nlist,
+            nprobe=cfg.nprobe,
+            pq_m=cfg.pq_m,
+            hnsw_m=cfg.hnsw_m,
+            ef_search=cfg.ef_search,
+            train_size=cfg.train_size,
+            recall_queries=cfg.recall_queries,
+            recall_k=cfg.recall_k,
+            seed=cfg.seed,
+        )
+    else:
+        if cfg.kind == "ivfpq":
+            raise UserError(
+                "kind=ivfpq is built from a folder of shards: embed with out=<folder> (embed.py's default)"
+            )
+        embeddings = Embeddings.load(cfg.embeddings)
+        check_space(out / "index.faiss", "out", Index.file_size(embeddings))
+        index = Index.build(
+            embeddings,
+            kind=cfg.kind,
+            nlist=cfg.nlist,
+            nprobe=cfg.nprobe,
+            hnsw_m=cfg.hnsw_m,
+            ef_search=cfg.ef_search,
+            recall_queries=cfg.recall_queries,
+            recall_k=cfg.recall_k,
+            seed=cfg.seed,
+        )
     index.save(out, overwrite=cfg.overwrite)
     recall = index.meta["recall_vs_exact"]
     measured = (

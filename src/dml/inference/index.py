@@ -19,7 +19,9 @@ from dml.log import get_logger
 
 log = get_logger(__name__)
 
-INDEX_FORMAT = "dml-index/1"
+INDEX_FORMAT = "dml-index/2"  # names and labels in rows.parquet; dml-index/1 kept them in meta.json
+READ_FORMATS = ("dml-index/1", INDEX_FORMAT)
+GPU_K_LIMIT = 2048  # faiss's GPU indexes return at most this many neighbours
 
 
 @dataclass
@@ -192,7 +194,9 @@ class Index:
                 faiss.write_index(index, str(tmp / "index.faiss"))
             except RuntimeError as e:  # faiss reports a failed write (a full disk) as a RuntimeError
                 raise write_failed(folder / "index.faiss", str(e).strip().splitlines()[-1]) from e
-            (tmp / "meta.json").write_text(json.dumps(self.meta))
+            _write_rows(tmp / "rows.parquet", self.meta["names"], self.meta["labels"])
+            rest = {k: v for k, v in self.meta.items() if k not in ("names", "labels")}
+            (tmp / "meta.json").write_text(json.dumps(rest | {"format": INDEX_FORMAT}))
         return folder
 
     @staticmethod
@@ -210,10 +214,12 @@ class Index:
                 f"index={str(folder)!r} is not an index folder written by index.py (meta.json, index.faiss)"
             )
         meta = json.loads(meta_file.read_text())
-        if meta.get("format") != INDEX_FORMAT:
+        if meta.get("format") not in READ_FORMATS:
             raise UserError(
                 f"{meta_file} is not an index written by index.py (format {meta.get('format')!r})"
             )
+        if "names" not in meta:  # dml-index/2: the rows' names and labels beside it
+            meta["names"], meta["labels"] = _read_rows(folder / "rows.parquet")
         index = faiss.read_index(str(index_file))
         use_gpu = gpu is True or (
             gpu == "auto" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -272,6 +278,12 @@ class Index:
                 available,
             )
             k = available
+        if _on_gpu(self.index) and k + extra > GPU_K_LIMIT:
+            raise UserError(
+                f"k={k} is over the {GPU_K_LIMIT} neighbours faiss returns from a GPU index"
+                f"{' (one more is searched to leave each query out of its own answer)' if extra else ''}: "
+                f"give k={GPU_K_LIMIT - extra} or less, or search on the CPU"
+            )
         scores, ids = self.index.search(np.ascontiguousarray(q.numpy()), k + extra)
         scores, ids = torch.from_numpy(scores), torch.from_numpy(ids).long()
         if exclude is not None:
@@ -288,6 +300,26 @@ class Index:
         names = [[self.names[i] if i >= 0 else "" for i in row] for row in ids.tolist()]
         labels = torch.where(ids >= 0, self.labels[ids.clamp_min(0)], -1)
         return SearchResult(ids, scores, names, labels, "distance" if euclidean else "similarity")
+
+
+def _write_rows(path: Path, names: list[str], labels: list[int]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"name": pa.array(names, pa.string()), "label": pa.array(labels, pa.int64())}), str(path)
+    )
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[int]]:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise UserError(
+            f"the index folder {path.parent} has no {path.name}: copy the whole folder, or build it again"
+        )
+    table = pq.read_table(str(path))
+    return table.column("name").to_pylist(), table.column("label").to_pylist()
 
 
 def _on_gpu(index: Any) -> bool:

@@ -302,6 +302,17 @@ class ShardedEmbeddings:
             json.loads(meta.get("skipped", "[]")),
         )
 
+    def names_and_labels(self) -> tuple[list[str], torch.Tensor]:
+        """Every embedding's name and label, in order, read without the vectors."""
+        import pyarrow.parquet as pq
+
+        tables = [
+            pq.read_table(str(self.folder / f"{shard_stem(i)}.parquet")) for i in range(self.manifest.shards)
+        ]
+        names = [name for t in tables for name in t.column("name").to_pylist()]
+        labels = [torch.from_numpy(t.column("label").to_numpy().copy()).long() for t in tables]
+        return names, torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+
     def shards(self) -> Iterator[Embeddings]:
         """Each shard in order, one in memory at a time."""
         for i in range(self.manifest.shards):
