@@ -85,10 +85,11 @@ class EmbeddingPictures(L.Callback):
     ) -> Path:
         roles = protocol.roles
         assert protocol.raw_image is not None  # _draw only asks for a grid with images to show
-        pool = torch.arange(len(y)) if roles is None else torch.nonzero(roles == 0).flatten()
-        step = max(1, len(pool) // self.num_queries)
-        queries = pool[::step][: self.num_queries]
-        return split_retrievals(x, y, roles, protocol.raw_image, queries, path, self.top_k, metric)
+        queries = torch.arange(len(y)) if roles is None else torch.nonzero(roles == 0).flatten()
+        # every query searched; the failures drawn first, worst first, then successes at random
+        return split_retrievals(
+            x, y, roles, protocol.raw_image, queries, path, self.top_k, metric, shown=self.num_queries
+        )
 
 
 class MonitoredMetricsCheck(L.Callback):

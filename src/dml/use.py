@@ -16,7 +16,15 @@ from dml.inference import Embedder, Embeddings, Index, SearchResult, export
 from dml.inference.exporting import export_formats
 from dml.inference.index_shards import build_from_shards
 from dml.inference.predicting import embed_to_shards
-from dml.inference.results import JSON_NAME, results_json, results_page, rows, short_name, write_results
+from dml.inference.results import (
+    JSON_NAME,
+    judged,
+    results_json,
+    results_page,
+    rows,
+    short_name,
+    write_results,
+)
 from dml.inference.shards import MANIFEST, ShardedEmbeddings, check_folder_for
 from dml.io import check_output, check_space
 from dml.log import get_logger
@@ -163,12 +171,20 @@ def search_task(cfg: DictConfig) -> dict[str, float]:
     result = index.search(queries.vectors, cfg.k, exclude=own if any(i >= 0 for i in own) else None)
     metrics, notes = _recall(queries, result, index), _notes(result, index)
     page = results_page(
-        queries, result, embedder.picture, embedder.checkpoint, cfg.html_queries, cfg.html_neighbours
+        queries,
+        result,
+        embedder.picture,
+        embedder.checkpoint,
+        cfg.html_queries,
+        cfg.html_neighbours,
+        metrics,
+        embedder.class_names() if cfg.html_queries else {},
     )
     json_path, page_path = write_results(out, results_json(queries, result, index, metrics, notes), page)
     _print(queries, result, metrics, cfg.print_queries)
     for note in notes:
         print(f"note: {note}")  # noqa: T201
+    print(judged(queries, result, cfg.html_queries).summary())  # noqa: T201
     print(f"results of {len(queries.names)} queries: {json_path}, {page_path}")  # noqa: T201
     return metrics
 

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from dml.evaluation.failures import failures_first
 from dml.io import atomic_path
 
 
@@ -95,10 +96,13 @@ def retrieval_grid(
     neighbours: Sequence[Sequence[Any]],
     correct: Sequence[Sequence[bool]],
     path: str | Path,
+    title: str = "",
 ) -> Path:
     """One row per query: the query, then its nearest items; wrong ones framed in red, right in green."""
     rows, cols = len(queries), 1 + max(len(n) for n in neighbours)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    if title:
+        fig.suptitle(title, fontsize=8, wrap=True)
     for r, (query, found, ok) in enumerate(zip(queries, neighbours, correct, strict=True)):
         items = [(query, None)] + list(zip(found, ok, strict=True))
         for c in range(cols):
@@ -120,6 +124,28 @@ def retrieval_grid(
     return _save(fig, path)
 
 
+def _neighbours(
+    embeddings: torch.Tensor,
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    leave_out_self: bool,
+    k: int,
+    metric: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, scores) of each query's ``k`` nearest gallery items, best first, in chunks of queries."""
+    found, scores = [], []
+    g = embeddings[gallery].float()
+    for chunk in queries.split(1024):
+        q = embeddings[chunk].float()
+        sims = -torch.cdist(q, g) if metric == "euclidean" else q @ g.T
+        if leave_out_self:
+            sims[chunk[:, None] == gallery[None, :]] = float("-inf")  # not the query itself
+        top = sims.topk(k, dim=1)
+        found.append(gallery[top.indices])
+        scores.append(top.values)
+    return torch.cat(found), torch.cat(scores)
+
+
 def split_retrievals(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -129,25 +155,29 @@ def split_retrievals(
     path: str | Path,
     top_k: int = 5,
     metric: str = "cosine",
+    shown: int | None = None,
 ) -> Path:
     """:func:`retrieval_grid` for ``queries`` (positions in a split) and their ``top_k`` nearest items.
 
     ``raw_image(position)`` is an item's image as read (without the model's transform). With
     query/gallery ``roles`` (0 query, 1 gallery), queries search the gallery; otherwise the other items.
     ``metric``: ``cosine`` (unit-norm embeddings) or ``euclidean`` (embeddings left as they are).
+    ``shown``: draw that many of ``queries``, the failures first (first neighbour of another class),
+    worst first, then successes at random (:func:`~dml.evaluation.failures.failures_first`), with a
+    title saying how many fail; by default every query, in order.
     """
     gallery = torch.arange(len(labels)) if roles is None else torch.nonzero(roles == 1).flatten()
-    if metric == "euclidean":
-        sims = -torch.cdist(embeddings[queries].float(), embeddings[gallery].float())
-    else:
-        sims = embeddings[queries].float() @ embeddings[gallery].float().T
-    if roles is None:
-        sims[torch.arange(len(queries)), queries] = float("-inf")  # not the query itself
-    k = min(top_k, sims.shape[1] - int(roles is None))
-    found = gallery[sims.topk(k, dim=1).indices]
+    k = min(top_k, len(gallery) - int(roles is None))
+    found, scores = _neighbours(embeddings, queries, gallery, roles is None, k, metric)
+    title = ""
+    if shown is not None:
+        judged = failures_first(labels[queries], labels[found], scores[:, 0], True, shown)
+        title = judged.summary()
+        queries, found = queries[judged.order], found[judged.order]
     return retrieval_grid(
         [raw_image(int(q)) for q in queries],
         [[raw_image(int(j)) for j in row] for row in found],
         [[bool(labels[j] == labels[q]) for j in row] for q, row in zip(queries, found, strict=True)],
         path,
+        title,
     )

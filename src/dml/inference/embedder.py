@@ -317,6 +317,15 @@ class Embedder:
             f"{key}={images!r} is neither an image file, a folder, nor a split ({', '.join(SPLITS)})"
         )
 
+    def class_names(self) -> dict[int, str]:
+        """The names of the classes of the checkpoint's data, where they are known (a user's folder or
+        table); empty otherwise."""
+        names = getattr(self.datamodule, "class_names", None)
+        try:
+            return dict(names()) if callable(names) else {}
+        except UserError:  # the data are not where they were: ids only
+            return {}
+
     def inputs(self, source: list[Path] | tuple[str, str | None]) -> Inputs:
         """What :meth:`resolve` made of ``images``, as the names and items a run embeds, in order."""
         from dml.inference.predicting import Inputs

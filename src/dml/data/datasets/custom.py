@@ -360,6 +360,11 @@ class CustomImages(FileBenchmark):
         if state_dict:
             self._stored = {"split": dict(state_dict["split"]), "class_ids": dict(state_dict["class_ids"])}
 
+    def class_names(self) -> dict[int, str]:
+        """Each class id's name (its folder's, or the table's label)."""
+        self._members()
+        return {i: name for name, i in self._class_ids.items()}
+
     def split_description(self) -> dict[str, Any]:
         """What ``split.json`` in a run folder says: each split's classes, and the class ids."""
         self._members()
