@@ -25,6 +25,7 @@ log = get_logger(__name__)
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 PER_CELL = 39  # faiss's k-means wants about 39 training vectors a centroid
 PQ_CENTROIDS = 256  # 8 bits a sub-quantizer
+CHUNK = 32_768  # gallery rows scored at a time when the exact neighbours are found
 
 
 def build_from_shards(
@@ -176,12 +177,13 @@ def _recall(index: Index, shards: ShardedEmbeddings, rows: np.ndarray, k: int, i
     start = 0
     own = torch.from_numpy(rows)[:, None]
     for size, part in zip(shards.sizes, shards.shards(), strict=True):
-        v = part.vectors.float()
-        scores = q @ v.T if inner else -torch.cdist(q, v).square()
-        ids = torch.arange(start, start + size)[None, :].expand(queries, -1)
-        scores = scores.masked_fill(ids == own, -math.inf)
-        top = torch.topk(torch.cat([best, scores], 1), k, dim=1)
-        best, best_ids = top.values, torch.cat([best_ids, ids], 1).gather(1, top.indices)
+        for lo in range(0, size, CHUNK):  # queries x CHUNK scores at a time, not queries x shard
+            v = part.vectors[lo : lo + CHUNK].float()
+            scores = q @ v.T if inner else -torch.cdist(q, v).square()
+            ids = torch.arange(start + lo, start + lo + len(v))[None, :].expand(queries, -1)
+            scores = scores.masked_fill(ids == own, -math.inf)
+            top = torch.topk(torch.cat([best, scores], 1), k, dim=1)
+            best, best_ids = top.values, torch.cat([best_ids, ids], 1).gather(1, top.indices)
         start += size
     found = index.search(q, k, exclude=rows.tolist()).ids
     hits = [len(set(a) & set(b)) / k for a, b in zip(best_ids.tolist(), found.tolist(), strict=True)]
