@@ -251,6 +251,7 @@ def approximate(args: argparse.Namespace, folder: Path) -> None:
                 shards,
                 i,
                 Embeddings(vectors[r.start : r.stop], names[r.start : r.stop], labels, "none", "0" * 64),
+                m.inputs_sha256,
             )
         finish_folder(shards, m)
         del vectors

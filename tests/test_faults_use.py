@@ -205,6 +205,17 @@ def test_search_checks_k_and_out_before_any_work(test_split, tmp_path, no_work):
         search_task(search_config(tmp_path, tmp_path / "flat", f"out={tmp_path / 'afile'}"))
 
 
+def test_a_k_over_faiss_s_gpu_limit_is_refused_before_the_queries_are_embedded(
+    test_split, tmp_path, no_work, monkeypatch
+):
+    from dml.inference import index as index_module
+
+    Index.build(test_split).save(tmp_path / "flat")
+    monkeypatch.setattr(index_module, "_on_gpu", lambda index: True)  # as Index.load puts it on a GPU
+    with pytest.raises(UserError, match="k=3000 is over the 2048 neighbours faiss returns from a GPU index"):
+        search_task(search_config(tmp_path, tmp_path / "flat", "k=3000"))
+
+
 def test_a_large_k_is_said_and_the_page_stays_small(test_split, tmp_path, caplog):
     Index.build(test_split).save(tmp_path / "flat")
     cfg = search_config(

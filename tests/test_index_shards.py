@@ -40,7 +40,7 @@ def shard_folder(folder, n=20_000, d=64, shard_size=6_000, seed=0):
             "model.ckpt",
             "f" * 64,
         )
-        write_shard(folder, i, part)
+        write_shard(folder, i, part, m.inputs_sha256)
     finish_folder(folder, m)
     return ShardedEmbeddings(folder), vectors, labels
 
@@ -70,10 +70,17 @@ def test_an_exact_index_from_shards_answers_as_one_built_in_memory(tmp_path):
     assert torch.equal(a.ids, b.ids) and a.names == b.names
 
 
-def test_an_ivf_index_from_shards_measures_recall_on_rows_it_was_not_trained_on(tmp_path):
-    shards, _, _ = shard_folder(tmp_path / "emb", n=5_000, shard_size=1_500)
-    built = build_from_shards(shards, kind="ivf", nlist=32, nprobe=32, recall_queries=200)
-    assert built.meta["recall_vs_exact"]["recall"] == pytest.approx(1.0)  # every cell searched: exact
+def test_an_ivf_index_s_stored_recall_is_what_its_search_finds_against_exact_search(tmp_path):
+    shards, vectors, _ = shard_folder(tmp_path / "emb", n=5_000, shard_size=1_500)
+    every_cell = build_from_shards(shards, kind="ivf", nlist=32, nprobe=32, recall_queries=200)
+    assert every_cell.meta["recall_vs_exact"]["recall"] == pytest.approx(1.0)  # every cell searched: exact
+    one_cell = build_from_shards(shards, kind="ivf", nlist=32, nprobe=1, recall_queries=5_000)
+    # every row a query (the fallback leaves none out): the stored figure against a brute-force check
+    exact = (vectors @ vectors.T).fill_diagonal_(-2).topk(10, dim=1).indices
+    found = one_cell.search(vectors, 10, exclude=list(range(5_000))).ids
+    hits = [len(set(a) & set(b)) / 10 for a, b in zip(exact.tolist(), found.tolist(), strict=True)]
+    assert one_cell.meta["recall_vs_exact"]["recall"] == pytest.approx(sum(hits) / len(hits), abs=1e-9)
+    assert 0.2 < one_cell.meta["recall_vs_exact"]["recall"] < 0.99  # one cell of 32 misses some
 
 
 def test_bad_settings_and_a_k_over_faiss_s_gpu_limit_are_one_message_each(tmp_path, monkeypatch):

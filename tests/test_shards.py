@@ -35,7 +35,12 @@ def written(folder, names, shard_size, **kwargs):
     start_folder(folder, m, resume=False, overwrite=False)
     for i in range(m.shards):
         covered = m.shard_range(i)
-        write_shard(folder, i, part(names[covered.start : covered.stop], start=covered.start, **kwargs))
+        write_shard(
+            folder,
+            i,
+            part(names[covered.start : covered.stop], start=covered.start, **kwargs),
+            m.inputs_sha256,
+        )
     return m
 
 
@@ -73,10 +78,10 @@ def test_a_damaged_folder_names_the_shard_and_what_to_do(tmp_path):
         ShardedEmbeddings(folder)
     vectors.write_bytes(good)
 
-    write_shard(folder, 1, part(names[4:8], sha="b" * 64))
+    write_shard(folder, 1, part(names[4:8], sha="b" * 64), m.inputs_sha256)
     with pytest.raises(UserError, match=r"shard 1 of .* were made by another model than model.ckpt"):
         ShardedEmbeddings(folder)
-    write_shard(folder, 1, part(names[4:8], dim=8))
+    write_shard(folder, 1, part(names[4:8], dim=8), m.inputs_sha256)
     with pytest.raises(
         UserError,
         match=r"shard 1 of .* holds vectors of shape \(4, 8\).*4-d: a folder holds shards of one size",

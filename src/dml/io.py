@@ -88,9 +88,9 @@ def check_folder(folder: Path, key: str, what: str | None = None) -> None:
         raise UserError(f"{shown} cannot be written: {folder}: {problem}; choose a writable folder for {key}")
 
 
-def check_space(path: Path, key: str, size: int) -> None:
+def check_space(path: Path, key: str, size: int, largest: int | None = None) -> None:
     """Check that the disk holding ``path``'s folder has ``size`` bytes free and that this process may
-    write a file of that size (``ulimit -f``).
+    write a file of that size (``ulimit -f``), or of ``largest`` when the output is several files.
 
     Raises:
         UserError: naming ``key`` and ``path``.
@@ -103,9 +103,10 @@ def check_space(path: Path, key: str, size: int) -> None:
             f"space or choose another folder for {key}"
         )
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and size > limit:
+    file_size = size if largest is None else largest
+    if limit != resource.RLIM_INFINITY and file_size > limit:
         raise UserError(
-            f"{key}={str(path)!r} needs about {_size(size)}, over this process's file-size limit of "
+            f"{key}={str(path)!r} needs about {_size(file_size)} in one file, over this process's file-size limit of "
             f"{_size(limit)} (ulimit -f); raise the limit or write less at once"
         )
 

@@ -61,7 +61,9 @@ def _embed_shards(cfg: DictConfig, out: Path) -> dict[str, float]:
     check_folder_for(out, cfg.resume, cfg.overwrite)  # before any work: nothing finished is overwritten
     embedder = Embedder.from_checkpoint(cfg.ckpt_path, device=cfg.device, dataset_root=cfg.dataset_root)
     inputs = embedder.inputs(embedder.resolve(str(cfg.images)))
-    check_space(out / MANIFEST, "out", Embeddings.file_size(len(inputs.names), embedder.dim))
+    total = Embeddings.file_size(len(inputs.names), embedder.dim)
+    shard = Embeddings.file_size(min(cfg.shard_size, len(inputs.names)), embedder.dim)
+    check_space(out / MANIFEST, "out", total, largest=shard)
     done = embed_to_shards(
         embedder,
         inputs,
@@ -96,7 +98,8 @@ def index_task(cfg: DictConfig) -> dict[str, float]:
     check_output(out, "out", cfg.overwrite, marker="meta.json")
     if Path(cfg.embeddings).is_dir():
         shards = ShardedEmbeddings(cfg.embeddings)  # every shard checked before any work
-        check_space(out / "index.faiss", "out", len(shards) * shards.dim * 4)
+        per_vector = (cfg.pq_m or max(1, shards.dim // 8)) if cfg.kind == "ivfpq" else 4 * shards.dim
+        check_space(out / "index.faiss", "out", len(shards) * (per_vector + 8))  # codes and ids
         index = build_from_shards(
             shards,
             kind=cfg.kind,
@@ -154,6 +157,7 @@ def search_task(cfg: DictConfig) -> dict[str, float]:
         )
     check_output(out / JSON_NAME, "out", overwrite=True)
     index = Index.load(cfg.index)
+    index.check_k(cfg.k)  # before the queries are embedded
     checkpoint = Path(cfg.ckpt_path or index.meta["checkpoint"])
     if not checkpoint.is_file():
         raise UserError(
@@ -209,7 +213,7 @@ def _notes(result: SearchResult, index: Index) -> list[str]:
     why = (
         f"the {params.get('nprobe')} of {params.get('nlist')} IVF cells searched hold fewer. Build the index "
         "with a larger nprobe (index.py nprobe=...)"
-        if kind == "ivf"
+        if kind in ("ivf", "ivfpq")
         else f"the {kind} index returned fewer. Build the index with a larger ef_search (index.py ef_search=...)"
     )
     return [

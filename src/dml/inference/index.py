@@ -225,10 +225,16 @@ class Index:
             gpu == "auto" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
         )
         if use_gpu and meta["kind"] != "hnsw":
-            index = faiss.index_cpu_to_gpu(
-                faiss.StandardGpuResources(), faiss_device(torch.device("cpu")), index
-            )
+            index = to_gpu(faiss, index, faiss_device(torch.device("cpu")))
         return cls(index, meta)
+
+    def check_k(self, k: int) -> None:
+        """Refuse a ``k`` over what faiss returns from this index (2,048 on a GPU), before any work."""
+        if _on_gpu(self.index) and k > GPU_K_LIMIT:
+            raise UserError(
+                f"k={k} is over the {GPU_K_LIMIT} neighbours faiss returns from a GPU index: give "
+                f"k={GPU_K_LIMIT} or less, or search on the CPU"
+            )
 
     def check_model(self, checkpoint_sha256: str, what: str = "the query embeddings") -> None:
         """Refuse embeddings of another model than the one this index was built from."""
@@ -300,6 +306,21 @@ class Index:
         names = [[self.names[i] if i >= 0 else "" for i in row] for row in ids.tolist()]
         labels = torch.where(ids >= 0, self.labels[ids.clamp_min(0)], -1)
         return SearchResult(ids, scores, names, labels, "distance" if euclidean else "similarity")
+
+
+def to_gpu(faiss: Any, index: Any, device: int = 0) -> Any:
+    """``index`` on a GPU, or left on the CPU with a message where faiss's GPU code refuses it. IVF-PQ's
+    lookup tables go in float16: in float32, 64 or more sub-quantizers need more shared memory than a
+    GPU has (48 KiB)."""
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = True
+    try:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device, index, options)
+    except RuntimeError as e:
+        log.warning(
+            "the index stays on the CPU: faiss's GPU code refused it (%s)", str(e).strip().splitlines()[-1]
+        )
+        return index
 
 
 def _write_rows(path: Path, names: list[str], labels: list[int]) -> None:

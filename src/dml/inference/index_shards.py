@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dml.errors import UserError, whole_number
-from dml.inference.index import INDEX_FORMAT, Index, _faiss
+from dml.inference.index import INDEX_FORMAT, Index, _faiss, to_gpu
 from dml.inference.shards import ShardedEmbeddings
 from dml.log import get_logger
 
@@ -146,12 +146,10 @@ def _new(faiss: Any, kind: str, d: int, metric: Any, inner: bool, params: dict[s
 def _trained(faiss: Any, index: Any, sample: np.ndarray) -> Any:
     """``index`` trained on ``sample``: on a GPU where faiss has one (the index comes back to the CPU)."""
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        try:
-            gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        gpu = to_gpu(faiss, index)  # says so, and stays on the CPU, where faiss's GPU code refuses it
+        if gpu is not index:
             gpu.train(sample)
             return faiss.index_gpu_to_cpu(gpu)
-        except RuntimeError as e:  # a layout faiss's GPU code does not take: train on the CPU
-            log.info("training the index on the CPU: faiss's GPU refused it (%s)", str(e).splitlines()[-1])
     index.train(sample)
     return index
 

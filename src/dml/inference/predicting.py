@@ -78,20 +78,25 @@ class _Shards(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         assert trainer is not None
-        answer: tuple[set[int] | None, str] = (None, "")
+        answer: tuple[set[int] | None, str, str] = (None, "", "")
         if trainer.is_global_zero:
             try:
-                answer = (
-                    start_folder(
-                        self.folder, self.manifest, self.options["resume"], self.options["overwrite"]
-                    ),
-                    "",
+                done = start_folder(
+                    self.folder, self.manifest, self.options["resume"], self.options["overwrite"]
                 )
-            except UserError as e:
-                answer = (None, str(e))
-        done, error = trainer.strategy.broadcast(answer)
+                answer = (done, "", self.manifest.inputs_sha256)
+            except Exception as e:  # noqa: BLE001 - every process must hear of it, or the others wait
+                answer = (None, str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}", "")
+        done, error, inputs = trainer.strategy.broadcast(answer)
         if done is None:
             raise UserError(error)
+        same = trainer.strategy.reduce_boolean_decision(inputs == self.manifest.inputs_sha256, all=True)
+        if not same:  # each process lists the images itself: the catalogue changed between two listings
+            raise UserError(
+                f"the processes found different images for images= (a folder that changed while they listed "
+                f"it?): the shards of {self.folder} would not match; run again with the same command and "
+                "resume=true once the folder is still"
+            )
         todo = [i for i in range(self.manifest.shards) if i not in done]
         self.mine = todo[trainer.global_rank :: trainer.world_size]
         if trainer.is_global_zero and done:
@@ -167,7 +172,8 @@ class _Writer(BasePredictionWriter):
         shard = self.shards.mine[dataloader_idx]
         covered = self.shards.manifest.shard_range(shard)
         if sum(len(p["local"]) + len(p["bad"]) for p in parts) == len(covered):
-            write_shard(self.shards.folder, shard, self._embeddings(covered, self.parts.pop(dataloader_idx)))
+            part = self._embeddings(covered, self.parts.pop(dataloader_idx))
+            write_shard(self.shards.folder, shard, part, self.shards.manifest.inputs_sha256)
 
     def _embeddings(self, covered: range, parts: list[dict[str, Any]]) -> Embeddings:
         names, m = self.shards.inputs.names, self.shards.manifest

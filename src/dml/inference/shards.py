@@ -92,14 +92,20 @@ def complete_shards(folder: Path, manifest: Manifest) -> set[int]:
     return {i for i in range(manifest.shards) if (folder / f"{shard_stem(i)}.safetensors").is_file()}
 
 
-def write_shard(folder: Path, i: int, part: Embeddings) -> None:
-    """Write shard ``i`` (its names and labels, then its vectors), each file complete or absent."""
+def write_shard(folder: Path, i: int, part: Embeddings, inputs_sha256: str) -> None:
+    """Write shard ``i`` (its names and labels, then its vectors), each file complete or absent;
+    ``inputs_sha256``: the folder's (its manifest's), so that a shard of another folder is told apart."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from safetensors.torch import save_file
 
     stem = folder / shard_stem(i)
-    meta = {"format": SHARDS_FORMAT, "shard": str(i), "checkpoint_sha256": part.checkpoint_sha256}
+    meta = {
+        "format": SHARDS_FORMAT,
+        "shard": str(i),
+        "checkpoint_sha256": part.checkpoint_sha256,
+        "inputs_sha256": inputs_sha256,
+    }
     table = pa.table({"name": pa.array(part.names, pa.string()), "label": pa.array(part.labels.numpy())})
     table = table.replace_schema_metadata(meta | {"skipped": json.dumps(part.skipped)})
     vectors = part.vectors.float().contiguous()
@@ -175,9 +181,11 @@ def start_folder(folder: Path, manifest: Manifest, resume: bool, overwrite: bool
             raise UserError(
                 f"resume=true with shard_size={manifest.shard_size}: {folder} was started with {old.shard_size}"
             )
+        for leftover in folder.glob(".shard-*"):  # half-written files of the stopped run
+            leftover.unlink()
         return complete_shards(folder, old)
     if (folder / MANIFEST).is_file():  # overwrite=true, checked above: what embed.py wrote there goes
-        for old_file in folder.glob("shard-*"):
+        for old_file in [*folder.glob("shard-*"), *folder.glob(".shard-*")]:
             old_file.unlink()
         (folder / MANIFEST).unlink()
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,7 +208,10 @@ def finish_folder(folder: Path, manifest: Manifest) -> Manifest:
 
     count, skipped = 0, []
     for i in range(manifest.shards):
-        meta = pq.read_metadata(str(folder / f"{shard_stem(i)}.parquet"))
+        try:
+            meta = pq.read_metadata(str(folder / f"{shard_stem(i)}.parquet"))
+        except Exception as e:  # any read failure: the file is damaged
+            raise UserError(f"shard {i} of {folder} is damaged ({type(e).__name__}: {e}); embed again") from e
         count += meta.num_rows
         skipped += json.loads((meta.metadata or {}).get(b"skipped", b"[]").decode())
     if count == 0:
@@ -263,6 +274,11 @@ class ShardedEmbeddings:
                 f"shard {i} of {self.folder} is damaged ({type(e).__name__}: {e}); embed again"
             ) from e
         for what, got in (("names", schema_meta), ("vectors", vector_meta)):
+            if got.get("inputs_sha256") != m.inputs_sha256 or got.get("shard") != str(i):
+                raise UserError(
+                    f"the {what} of shard {i} of {self.folder} belong to another folder of embeddings (other "
+                    "images, or another shard's place): a folder holds the shards of one run; embed again"
+                )
             if got.get("checkpoint_sha256") != m.checkpoint_sha256:
                 raise UserError(
                     f"the {what} of shard {i} of {self.folder} were made by another model than {m.checkpoint} "
