@@ -81,10 +81,10 @@ class _Shards(L.LightningDataModule):
         answer: tuple[set[int] | None, str, str] = (None, "", "")
         if trainer.is_global_zero:
             try:
-                done = start_folder(
+                started = start_folder(
                     self.folder, self.manifest, self.options["resume"], self.options["overwrite"]
                 )
-                answer = (done, "", self.manifest.inputs_sha256)
+                answer = (started, "", self.manifest.inputs_sha256)
             except Exception as e:  # noqa: BLE001 - every process must hear of it, or the others wait
                 answer = (None, str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}", "")
         done, error, inputs = trainer.strategy.broadcast(answer)
