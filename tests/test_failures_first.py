@@ -96,3 +96,4 @@ def test_the_run_s_retrieval_picture_draws_the_failures_first_and_says_how_many(
     assert drawn["t"].startswith(
         "5 queries: 3 fail (their first neighbour is of another class), all shown first"
     )
+    assert drawn["t"].endswith("Recall@1 0.4000, Recall@2 0.6000")  # 2 of 5 right first; 3 within 2

@@ -172,7 +172,9 @@ def split_retrievals(
     title = ""
     if shown is not None:
         judged = failures_first(labels[queries], labels[found], scores[:, 0], True, shown)
-        title = judged.summary()
+        right = labels[found] == labels[queries][:, None]
+        recall = f"Recall@1 {right[:, 0].float().mean():.4f}, Recall@{k} {right.any(1).float().mean():.4f}"
+        title = f"{judged.summary()}. {recall}"
         queries, found = queries[judged.order], found[judged.order]
     return retrieval_grid(
         [raw_image(int(q)) for q in queries],
