@@ -96,23 +96,13 @@ def index_task(cfg: DictConfig) -> dict[str, float]:
     """Build and save the index of ``cfg.embeddings`` (a folder of shards, or one file)."""
     out = Path(cfg.out)
     check_output(out, "out", cfg.overwrite, marker="meta.json")
+    keys = ("kind", "nlist", "nprobe", "hnsw_m", "ef_search", "recall_queries", "recall_k", "seed")
+    settings = {key: cfg[key] for key in keys}
     if Path(cfg.embeddings).is_dir():
         shards = ShardedEmbeddings(cfg.embeddings)  # every shard checked before any work
         per_vector = (cfg.pq_m or max(1, shards.dim // 8)) if cfg.kind == "ivfpq" else 4 * shards.dim
         check_space(out / "index.faiss", "out", len(shards) * (per_vector + 8))  # codes and ids
-        index = build_from_shards(
-            shards,
-            kind=cfg.kind,
-            nlist=cfg.nlist,
-            nprobe=cfg.nprobe,
-            pq_m=cfg.pq_m,
-            hnsw_m=cfg.hnsw_m,
-            ef_search=cfg.ef_search,
-            train_size=cfg.train_size,
-            recall_queries=cfg.recall_queries,
-            recall_k=cfg.recall_k,
-            seed=cfg.seed,
-        )
+        index = build_from_shards(shards, pq_m=cfg.pq_m, train_size=cfg.train_size, **settings)
     else:
         if cfg.kind == "ivfpq":
             raise UserError(
@@ -120,17 +110,7 @@ def index_task(cfg: DictConfig) -> dict[str, float]:
             )
         embeddings = Embeddings.load(cfg.embeddings)
         check_space(out / "index.faiss", "out", Index.file_size(embeddings))
-        index = Index.build(
-            embeddings,
-            kind=cfg.kind,
-            nlist=cfg.nlist,
-            nprobe=cfg.nprobe,
-            hnsw_m=cfg.hnsw_m,
-            ef_search=cfg.ef_search,
-            recall_queries=cfg.recall_queries,
-            recall_k=cfg.recall_k,
-            seed=cfg.seed,
-        )
+        index = Index.build(embeddings, **settings)
     index.save(out, overwrite=cfg.overwrite)
     recall = index.meta["recall_vs_exact"]
     measured = (
