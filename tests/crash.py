@@ -23,6 +23,10 @@ class SignalAtStep(L.Callback):
 
     def __init__(self, step: int, signal: str):
         self.step, self.signal = step, signal
+        if signal == "SIGINT" and signal_module.getsignal(signal_module.SIGINT) == signal_module.SIG_IGN:
+            # started in the background by a shell without job control (a CI script run with &): SIGINT
+            # is ignored from the start, and Python then leaves it so; a terminal's Ctrl+C is not
+            signal_module.signal(signal_module.SIGINT, signal_module.default_int_handler)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step == self.step:
