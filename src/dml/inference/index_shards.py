@@ -101,8 +101,8 @@ def build_from_shards(
                 f"train_size={size} cannot train {nlist} IVF cells; give train_size={PER_CELL * (nlist or 1)} or more"
             )
         index = _trained(faiss, index, _rows(shards, np.sort(order[:size])))
-    for part in shards.shards():
-        index.add(np.ascontiguousarray(part.vectors.float().numpy()))
+    for vectors in shards.vectors():
+        index.add(np.ascontiguousarray(vectors.float().numpy()))
     if kind in ("ivf", "ivfpq"):
         faiss.extract_index_ivf(index).nprobe = params["nprobe"]
     log.info("%s index of %d %d-d embeddings built from %d shard(s)", kind, n, d, shards.manifest.shards)
@@ -157,10 +157,10 @@ def _trained(faiss: Any, index: Any, sample: np.ndarray) -> Any:
 def _rows(shards: ShardedEmbeddings, rows: np.ndarray) -> np.ndarray:
     """The vectors of the (sorted) global ``rows``, read shard by shard."""
     out, start = [], 0
-    for size, part in zip(shards.sizes, shards.shards(), strict=True):
+    for size, vectors in zip(shards.sizes, shards.vectors(), strict=True):
         mine = rows[(rows >= start) & (rows < start + size)] - start
         if len(mine):
-            out.append(part.vectors[torch.from_numpy(mine)].float().numpy())
+            out.append(vectors[torch.from_numpy(mine)].float().numpy())
         start += size
     return np.ascontiguousarray(np.concatenate(out))
 
@@ -174,9 +174,9 @@ def _recall(index: Index, shards: ShardedEmbeddings, rows: np.ndarray, k: int, i
     best_ids = torch.full((queries, k), -1, dtype=torch.long)
     start = 0
     own = torch.from_numpy(rows)[:, None]
-    for size, part in zip(shards.sizes, shards.shards(), strict=True):
+    for size, vectors in zip(shards.sizes, shards.vectors(), strict=True):
         for lo in range(0, size, CHUNK):  # queries x CHUNK scores at a time, not queries x shard
-            v = part.vectors[lo : lo + CHUNK].float()
+            v = vectors[lo : lo + CHUNK].float()
             scores = q @ v.T if inner else -torch.cdist(q, v).square()
             ids = torch.arange(start + lo, start + lo + len(v))[None, :].expand(queries, -1)
             scores = scores.masked_fill(ids == own, -math.inf)

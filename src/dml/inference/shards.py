@@ -318,6 +318,13 @@ class ShardedEmbeddings:
             json.loads(meta.get("skipped", "[]")),
         )
 
+    def vectors(self) -> Iterator[torch.Tensor]:
+        """Each shard's vectors in order, one in memory at a time, without reading its names."""
+        from safetensors.torch import load_file
+
+        for i in range(self.manifest.shards):
+            yield load_file(str(self.folder / f"{shard_stem(i)}.safetensors"))["vectors"]
+
     def names_and_labels(self) -> tuple[list[str], torch.Tensor]:
         """Every embedding's name and label, in order, read without the vectors."""
         import pyarrow.parquet as pq
