@@ -113,6 +113,28 @@ def test_antico_variants_and_forms():
         AntiCoLoss("nope")
 
 
+def test_scale_free_antico_ignores_the_batch_s_size_but_not_its_shape():
+    torch.manual_seed(0)
+    z = torch.randn(30, 2) * torch.tensor([3.0, 0.5])
+    loss = AntiCoLoss("pair", form="neg", scale_free=True)
+    # growing the batch leaves it unchanged (plain -R keeps falling as the plane grows) ...
+    torch.testing.assert_close(loss(10 * z, None), loss(z, None))
+    assert AntiCoLoss("pair", form="neg")(10 * z, None) < AntiCoLoss("pair", form="neg")(z, None) - 1
+    # ... it is -R of the batch at mean squared norm 1, and filling the plane evenly lowers it
+    rms = z.pow(2).sum(1).mean().sqrt()
+    torch.testing.assert_close(loss(z, None), -coding_rate(z / rms, scale="mcr2"))
+    assert loss(torch.randn(30, 2), None) < loss(z, None)
+    # on unit vectors it is the plain rate, and its gradient reaches the embeddings
+    x = F.normalize(torch.randn(20, 8), dim=1).requires_grad_()
+    torch.testing.assert_close(
+        AntiCoLoss("pair", scale_free=True)(x, None), AntiCoLoss("pair")(x, None), rtol=1e-4, atol=1e-7
+    )
+    AntiCoLoss("pair", form="neg", scale_free=True)(x, None).backward()
+    assert x.grad is not None and x.grad.norm() > 0
+    with pytest.raises(ValueError, match="scale_free applies to the pair variant"):
+        AntiCoLoss("batch_proxy", scale_free=True, num_classes=3, embedding_size=8)
+
+
 def test_composite_shares_one_proxy_bank_and_weights_terms():
     from functools import partial
 

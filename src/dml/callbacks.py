@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -14,6 +16,7 @@ from dml.errors import UserError
 from dml.evaluation.collapse import singular_values
 from dml.evaluation.pictures import embedding_map, spectrum_plot, split_retrievals
 from dml.evaluation.protocol import EvaluationProtocol
+from dml.io import write_atomic
 from dml.log import get_logger
 
 if TYPE_CHECKING:
@@ -136,3 +139,115 @@ class ProgressBar(RichProgressBar):
         if self._shown is None or not trainer.training or self._batches % every == 0:
             self._shown = super().get_metrics(trainer, pl_module)
         return self._shown
+
+
+class TrainingRecord(L.Callback):
+    """Writes ``path`` (JSON): how a run converged and what each loss term pushed.
+
+    - ``epochs``: after each validation, the epoch, the step, the training time so far in seconds
+      (wall-clock time of the training epochs, validation and checkpoint writing left out) and ``metric``;
+    - ``gradients``: every ``gradient_every`` steps (the first and the last step too), each loss term's
+      value and the norms of the gradient its weighted value sends to the batch embeddings and to the
+      loss's own parameters (the class proxies). They are taken from the step's own graph when the term
+      is computed (a backward pass through the loss only, not the network), so miners draw nothing more.
+
+    Kept in checkpoints: a resumed run goes on with the record it had.
+    """
+
+    def __init__(self, path: str | Path, metric: str = "val/recall@1", gradient_every: int = 10):
+        if gradient_every < 0:
+            raise ValueError(f"gradient_every must be >= 0 (0: no gradients), got {gradient_every}")
+        self.path, self.metric, self.gradient_every = Path(path), metric, gradient_every
+        self.epochs: list[dict[str, float]] = []
+        self.gradients: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self._since: float | None = None
+        self._measure, self.step = False, 0
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "gradients": self.gradients, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs, self.gradients = list(state_dict["epochs"]), list(state_dict["gradients"])
+        self.seconds = float(state_dict["seconds"])
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.gradient_every:
+            loss = cast("DMLModule", module).loss
+            for name, term in loss.terms.items():
+                self._hooks.append(term.register_forward_hook(self._hook(name, loss)))
+
+    def _hook(self, name: str, loss: Any) -> Any:
+        def measure(term: torch.nn.Module, args: tuple[Any, ...], value: torch.Tensor) -> None:
+            if not (self._measure and torch.is_grad_enabled() and value.requires_grad):
+                return
+            embeddings = args[0]
+            inputs = [embeddings] if embeddings.requires_grad else []
+            parameters = [p for p in loss.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(
+                loss.weights[name] * value.float(),
+                [*inputs, *parameters],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            norms = [0.0 if g is None else g.float().norm().item() for g in grads]
+            to_embeddings = norms[0] if inputs else 0.0
+            self.gradients.append(
+                {
+                    "step": self.step,
+                    "term": name,
+                    "weight": loss.weights[name],
+                    "value": value.item(),
+                    "embeddings": to_embeddings,
+                    "proxies": sum(n**2 for n in norms[len(inputs) :]) ** 0.5,
+                }
+            )
+
+        return measure
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        self.step = trainer.global_step
+        last = trainer.estimated_stepping_batches - 1
+        self._measure = bool(self.gradient_every) and (
+            self.step % self.gradient_every == 0 or self.step == last
+        )
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._measure = False
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._since = time.perf_counter()
+
+    def _stop_clock(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._stop_clock()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._stop_clock()
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.metric])
+        row = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step, "seconds": self.seconds}
+        self.epochs.append(row | {self.metric: value})
+        self._write(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._write(trainer)
+        self.teardown(trainer, module, "fit")
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _write(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            record = {"metric": self.metric, "epochs": self.epochs, "gradients": self.gradients}
+            write_atomic(self.path, json.dumps(record, indent=1) + "\n")

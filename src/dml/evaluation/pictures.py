@@ -20,7 +20,7 @@ from dml.evaluation.failures import failures_first
 from dml.io import atomic_path
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
@@ -56,19 +56,36 @@ def embedding_map(
     method: str = "tsne",
     seed: int = 0,
     title: str = "",
+    class_names: Sequence[str] | None = None,
+    legend_title: str = "class",
 ) -> Path:
-    """Scatter of a 2-D projection of (at most ``max_points`` of) the embeddings, coloured by class."""
+    """Scatter of a 2-D projection of (at most ``max_points`` of) the embeddings, coloured by class, with a
+    legend of the classes (``class_names[label]``, else the label) when there are at most 20 of them."""
     n = embeddings.shape[0]
     keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_points].sort().values
     xy = project_2d(embeddings[keep], method, seed)
     y = labels[keep].cpu().numpy()
-    _, colour = np.unique(y, return_inverse=True)
+    classes, colour = np.unique(y, return_inverse=True)
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab20" if colour.max() < 20 else "hsv", s=6, alpha=0.8)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title or f"{method.upper()} of {len(keep)} embeddings, {len(np.unique(y))} classes")
-    return _save(fig, path)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "hsv")
+    for i, c in enumerate(classes):
+        name = class_names[int(c)] if class_names is not None else str(c)
+        points = xy[colour == i]
+        ax.scatter(
+            points[:, 0],
+            points[:, 1],
+            color=cmap(i / max(len(classes) - 1, 1) if len(classes) > 20 else i),
+            s=6,
+            alpha=0.8,
+            label=name,
+        )
+    if len(classes) <= 20:
+        ax.legend(title=legend_title, markerscale=3, fontsize="small", loc="best", framealpha=0.8)
+    if embeddings.shape[1] > 2:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_title(title or f"{method.upper()} of {len(keep)} embeddings, {len(classes)} classes")
+    return save_figure(fig, path)
 
 
 def spectrum_plot(values: torch.Tensor, path: str | Path, title: str = "") -> Path:
@@ -80,7 +97,7 @@ def spectrum_plot(values: torch.Tensor, path: str | Path, title: str = "") -> Pa
     ax.set_ylabel("singular value / largest")
     ax.set_title(title or "singular-value spectrum of the embeddings")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _as_image(image: Any) -> np.ndarray:
@@ -121,7 +138,7 @@ def retrieval_grid(
                     spine.set_linewidth(3)
             elif r == 0:
                 ax.set_title("query", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _neighbours(

@@ -19,7 +19,10 @@ class AntiCoLoss(nn.Module):
     the classes present in the batch (the official default); ``all_proxy`` all proxies. The proxy variants
     touch only the proxies. ``form='exp'`` returns exp(-gamma R) as the official code does; ``form='neg'``
     returns -gamma R. ``scale=None`` picks each variant's standard: MCR^2's d/(n eps) for ``pair``, the
-    official n/(d eps) for the proxy variants.
+    official n/(d eps) for the proxy variants. ``scale_free=True`` (``pair`` only) divides the batch by its
+    root-mean-square norm before the rate, so that R measures how evenly the batch fills the space and not
+    how large it is: un-normalised embeddings (the plane) cannot raise it by growing. On unit-norm
+    embeddings it changes nothing.
     """
 
     variants = ("pair", "batch_proxy", "all_proxy")
@@ -31,6 +34,7 @@ class AntiCoLoss(nn.Module):
         gamma: float = 1.0,
         scale: Scale | None = None,
         form: Literal["exp", "neg"] = "exp",
+        scale_free: bool = False,
         proxies: ProxyBank | None = None,
         num_classes: int | None = None,
         embedding_size: int | None = None,
@@ -42,7 +46,11 @@ class AntiCoLoss(nn.Module):
             raise ValueError(f"AntiCo form must be 'exp' or 'neg', got {form!r}")
         if scale not in (None, "official", "mcr2"):
             raise ValueError(f"AntiCo scale must be 'official', 'mcr2' or null, got {scale!r}")
-        self.variant, self.eps, self.gamma, self.form = variant, eps, gamma, form
+        if scale_free and variant != "pair":
+            raise ValueError(
+                f"AntiCo scale_free applies to the pair variant (the proxies are unit vectors already), not {variant!r}"
+            )
+        self.variant, self.eps, self.gamma, self.form, self.scale_free = variant, eps, gamma, form, scale_free
         self.scale: Scale = scale or ("mcr2" if variant == "pair" else "official")
         owner = f"AntiCo variant {variant!r}"
         self.proxies = (
@@ -52,6 +60,8 @@ class AntiCoLoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Args: embeddings (B, d); labels (B,) class indices (unused by ``pair``). Returns a scalar."""
         if self.variant == "pair":
+            if self.scale_free:  # rows of mean squared norm 1 (a floor keeps an all-zero batch finite)
+                embeddings = embeddings / embeddings.float().pow(2).sum(1).mean().clamp_min(1e-12).sqrt()
             rate = coding_rate(embeddings, eps=self.eps, scale=self.scale)
         elif self.proxies is not None and self.variant == "batch_proxy" and self.proxies.sharded:
             rate = sharded.batch_proxy_coding_rate(self.proxies, labels, self.eps, self.scale)
