@@ -46,8 +46,8 @@ evaluate: $(VENV)/.installed ## Evaluate a checkpoint: make evaluate CKPT=logs/t
 	@test -n "$(CKPT)" || { echo "error: give CKPT=<path to a .ckpt written by make train>"; exit 2; }
 	$(PYTHON) evaluate.py ckpt_path=$(CKPT) $(ARGS) $(OVERRIDES)
 
-study: $(VENV)/.installed ## Run the study behind docs/results.md (about 40 min on 2 cores): make study [ARGS=study=quick]
-	$(PYTHON) -m dml.study $(ARGS) $(OVERRIDES)
+study: $(VENV)/.installed ## Run the study behind docs/results.md (about 70 min on 2 cores): make study [STUDY=quick|cub_antico|cars_antico] [ARGS=...]
+	$(PYTHON) -m dml.study $(if $(STUDY),study=$(STUDY)) $(ARGS) $(OVERRIDES)
 
 test: $(VENV)/.installed ## Run the everyday test tier (< 5 min on 2 cores; slow, notebook and gpu tests left out)
 	WANDB_MODE=offline $(PYTHON) -m pytest -q

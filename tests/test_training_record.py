@@ -44,8 +44,12 @@ def test_record_has_each_validation_and_each_term_s_gradient_without_changing_tr
 def test_gradient_norm_is_the_weighted_term_s(tmp_path):
     """At the first step (same batch, same initial weights) doubling the AntiCo weight doubles its
     recorded gradient and leaves the base term's alone; the first and last steps are always measured."""
-    _, one = record_of(tmp_path, "w1", "loss.antico_weight=1.0", "callbacks.training_record.gradient_every=1000")
-    _, two = record_of(tmp_path, "w2", "loss.antico_weight=2.0", "callbacks.training_record.gradient_every=1000")
+    _, one = record_of(
+        tmp_path, "w1", "loss.antico_weight=1.0", "callbacks.training_record.gradient_every=1000"
+    )
+    _, two = record_of(
+        tmp_path, "w2", "loss.antico_weight=2.0", "callbacks.training_record.gradient_every=1000"
+    )
     first = [{g["term"]: g for g in r["gradients"] if g["step"] == 0} for r in (one, two)]
     assert first[1]["antico"]["embeddings"] == pytest.approx(2 * first[0]["antico"]["embeddings"], rel=1e-5)
     assert first[1]["triplet"]["embeddings"] == pytest.approx(first[0]["triplet"]["embeddings"], rel=1e-5)

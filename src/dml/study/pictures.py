@@ -3,27 +3,15 @@ each loss term sent at the start, middle and end of training (from each run's ``
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dml.evaluation.pictures import plt, save_figure
-from dml.study.report import mean_and_ci
-
-
-@dataclass
-class Checked:
-    """A claim's verdict: its text, the metric compared, the difference of means and its interval."""
-
-    text: str
-    metric: str
-    difference: float
-    low: float
-    high: float
-    verdict: str
+from dml.study.report import Checked, mean_and_ci
 
 
 def forest_plot(claims: Sequence[Checked], path: Path, title: str) -> Path:
@@ -44,7 +32,7 @@ def forest_plot(claims: Sequence[Checked], path: Path, title: str) -> Path:
                 ax.plot([c.low, c.high], [yi, yi], color=colour, lw=2)
             ax.plot([c.difference], [yi], "o", color=colour)
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(y, [_short(c.text) for c in group], fontsize=8)
+        ax.set_yticks(y, [_short(c.label or c.text, 80) for c in group], fontsize=8)
         ax.set_ylim(-0.7, len(group) - 0.3)
         ax.set_title(f"difference in {metric}", fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
@@ -58,6 +46,10 @@ def forest_plot(claims: Sequence[Checked], path: Path, title: str) -> Path:
 
 def _short(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _wrap(title: str) -> str:
+    return textwrap.fill(title, 110)
 
 
 def convergence_plot(records: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
@@ -85,7 +77,7 @@ def convergence_plot(records: dict[str, list[dict[str, Any]]], path: Path, title
     for ax in (by_epoch, by_time):
         ax.grid(alpha=0.3)
     by_time.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -141,6 +133,6 @@ def gradient_plot(
         ax.set_yticks(y, [_short(a, 45) for a in arms], fontsize=8)
     axes[0].legend(fontsize=8, loc="lower left")
     axes[1].set_xlabel("gradient norm sent to the embeddings and proxies (median over seeds; log scale)")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

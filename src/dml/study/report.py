@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from scipy.stats import t as t_dist
 
 from dml.config import conf_dir
@@ -99,15 +100,54 @@ def difference_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float,
     return diff, diff - half, diff + half
 
 
-def verdict(claim: DictConfig, scores: dict[str, list[dict[str, float]]]) -> str | None:
-    """'- <claim>: held | did not hold | not separated (difference ...)' or None if an arm did not run."""
+@dataclass
+class Checked:
+    """A claim's verdict: its text, the metric compared, the difference of means and its interval."""
+
+    text: str
+    metric: str
+    difference: float
+    low: float
+    high: float
+    verdict: str
+    label: str = ""  # a short name for pictures ("<arm> vs <baseline>"); the text when empty
+
+    def line(self) -> str:
+        return (
+            f"- {self.text}: **{self.verdict}** ({self.metric} {self.difference:+.3f}, interval "
+            f"[{self.low:+.3f}, {self.high:+.3f}])"
+        )
+
+
+def claims_of(table: DictConfig, arms: Sequence[DictConfig] | None = None) -> list[DictConfig]:
+    """The table's claims: those it lists (``claims``), then for each arm with a ``baseline`` one claim
+    per ``claim_metrics`` entry, "<arm> <phrase> over <baseline>". ``arms``: only claims between these."""
+    claims = list(table.get("claims") or [])
+    for arm in table.arms:
+        if arm.get("baseline"):
+            for metric, phrase in (table.get("claim_metrics") or {}).items():
+                text = f"{arm.name} {phrase} over {arm.baseline}"
+                claims.append(
+                    OmegaConf.create(
+                        {"text": text, "better": arm.name, "than": arm.baseline, "metric": metric}
+                    )
+                )
+    if arms is not None:
+        names = {a.name for a in arms}
+        claims = [c for c in claims if c.better in names and c.than in names]
+    return claims
+
+
+def check_claim(claim: DictConfig, scores: dict[str, list[dict[str, float]]]) -> Checked | None:
+    """The claim's verdict: held (its interval above 0), did not hold (below), or not separated; None if
+    an arm did not run."""
     if claim.better not in scores or claim.than not in scores:
         return None
     diff, low, high = difference_ci(
         [row[claim.metric] for row in scores[claim.better]], [row[claim.metric] for row in scores[claim.than]]
     )
     verdict = "held" if low > 0 else "did not hold" if high < 0 else "not separated"
-    return f"- {claim.text}: **{verdict}** ({claim.metric} {diff:+.3f}, interval [{low:+.3f}, {high:+.3f}])"
+    return Checked(claim.text, claim.metric, diff, low, high, verdict, claim.get("label", ""))
 
 
 def antico_form_gradients(

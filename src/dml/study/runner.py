@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from dml.command import check_command_line, fail, user_message
 from dml.errors import UserError
@@ -19,17 +19,28 @@ from dml.evaluation.pictures import embedding_map
 from dml.io import check_folder, write_atomic
 from dml.runs import RunStopped
 from dml.study.experiments import antico_probe, embed, train_run
+from dml.study.pictures import convergence_plot, forest_plot, gradient_plot
 from dml.study.report import (
     REPORT_HEAD,
+    check_claim,
     check_report_path,
+    claims_of,
     compose_study,
     forms_section,
     slug,
     table_section,
-    verdict,
 )
 
 STUDY_RUN = "study_run.json"  # in each run folder the study finished: the run's overrides
+# Every study run: no test pass (each split is scored from the last checkpoint), Recall@1 validated after
+# every epoch (NMI and the collapse measures are left to the scoring) and a TrainingRecord.
+RUN_SETTINGS = [
+    "test=false",
+    "callbacks=study",
+    "model.nmi=false",
+    "model.collapse=false",
+    "trainer.check_val_every_n_epoch=1",
+]
 
 
 def run_study(spec: DictConfig, out: Path, runs_dir: Path) -> Path:
@@ -50,8 +61,8 @@ def run_study(spec: DictConfig, out: Path, runs_dir: Path) -> Path:
     header = (
         f"{REPORT_HEAD} (`python -m dml.study`) in {minutes:.0f} min: do not edit by hand.\n"
         f"Seeds {list(spec.seeds)}; extra overrides {list(spec.overrides) or 'none'}; each run's last "
-        "checkpoint is scored (runs validate once, after their last epoch). Values: mean +/- 95% confidence "
-        f"half-width over the seeds. {os.cpu_count()} CPU cores, torch {torch.__version__}.\n"
+        "checkpoint is scored (validation, after every epoch, only draws the convergence pictures). Values: "
+        f"mean +/- 95% confidence half-width over the seeds. {os.cpu_count()} CPU cores, torch {torch.__version__}.\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, header + "\n" + "\n".join(sections))
@@ -65,29 +76,35 @@ class _Study:
         self.spec, self.runs_dir, self.pictures = spec, runs_dir, pictures
         self.done: dict[tuple[str, ...], tuple[dict[str, float], Path]] = {}
         self.last: dict[tuple[str, int], Path] = {}  # (arm, seed) -> its last checkpoint
+        data = [f"paths.data_dir={spec.data_dir}"] if spec.get("data_dir") else []
+        self.extra = [*spec.overrides, *data]  # every run's, after its arm's and table's
 
     def score(self, name: str, overrides: list[str], table: DictConfig, splits, picture: str | None = None):
         """Train ``overrides`` (once), embed each split with the last checkpoint, return its scores;
         ``picture``: also draw the test split's 2-d map under that title."""
         key = tuple(overrides)
         if key not in self.done:
-            quick = ["test=false", "trainer.check_val_every_n_epoch=${trainer.max_epochs}"]
-            last = self._train(name, [*overrides, *quick])
-            row: dict[str, float] = {}
-            for split in splits:
+            self.done[key] = ({}, self._train(name, [*overrides, *RUN_SETTINGS]))
+        row, last = self.done[key]
+        for split in splits:
+            if not any(k.startswith(f"{split}/") for k in row):
                 scores = embed(last, split).scores(table.ks, table.nmi_multiples)
                 row |= {f"{split}/{k}": v for k, v in scores.items()}
-            self.done[key] = (row, last)
-        row, last = self.done[key]
         if picture:
             embedded = embed(last, "test")
             embedding_map(
                 embedded.embeddings,
                 embedded.labels,
                 self.pictures / f"{table.name}_{slug(picture)}.png",
-                title=f"{picture}: test digits, {name.rsplit('/', 1)[-1]}",
+                title=f"{picture}: {table.splits.get('test', 'test classes')}, {name.rsplit('/', 1)[-1]}",
+                legend_title=table.get("legend", "class"),
             )
-        return row
+        return dict(row)
+
+    def record(self, arm: str, seed: int) -> dict | None:
+        """The ``training_record.json`` of an arm's run (None for a run trained without one)."""
+        path = self.last[(arm, seed)].parent.parent / "training_record.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def _train(self, name: str, overrides: list[str]) -> Path:
         """Train ``overrides`` into ``<runs>/<name>``; returns its last checkpoint. ``study_run.json`` in
@@ -128,14 +145,15 @@ class _Study:
     def sweep(self, table: DictConfig, arm: DictConfig) -> tuple[float, dict[float, float]]:
         """(chosen value, value -> validation score) of ``table.sweep`` for this arm's overrides."""
         sweep = table.sweep
-        values = self.spec.get("sweep_values") or sweep["values"]
+        own = arm.sweep if isinstance(arm.sweep, ListConfig) else None
+        values = self.spec.get("sweep_values") or own or sweep["values"]
         found = {}
         for value in values:
             overrides = [
                 *arm.overrides,
                 *table.common,
                 *sweep.overrides,
-                *self.spec.overrides,
+                *self.extra,
                 f"{sweep.key}={value}",
                 f"seed={sweep.seed}",
             ]
@@ -165,6 +183,31 @@ class _Study:
                 )
         return "\n".join(lines) + "\n"
 
+    def pictures_of(self, table: DictConfig, arms: list, names: dict[str, str]) -> str:
+        """The table's convergence picture and, when an arm has an AntiCo term, its gradient picture."""
+        records = {
+            names[a.name]: found
+            for a in arms
+            if (found := [r for seed in self.spec.seeds if (r := self.record(a.name, seed))])
+        }
+        if not records:
+            return ""
+        text = (
+            f"\nConvergence: validation {next(iter(records.values()))[0]['metric']} ({table.get('validation', 'the test split')}) "
+            "after each epoch, against epochs and against training time; mean over the seeds, 95% interval shaded.\n\n"
+        )
+        convergence_plot(records, self.pictures / f"{table.name}_convergence.png", table.title)
+        text += f"![convergence](results/{table.name}_convergence.png)\n"
+        if any(g["term"] == "antico" for runs in records.values() for r in runs for g in r["gradients"]):
+            gradient_plot(records, self.pictures / f"{table.name}_gradients.png", table.title)
+            text += (
+                "\nThe gradient each part of the loss sent (its weighted value's gradient norm, to the batch embeddings "
+                "and the proxies together), at the first step, the middle step and the last step of training; median "
+                "over the seeds:\n\n"
+                f"![gradients](results/{table.name}_gradients.png)\n"
+            )
+        return text
+
     def table(self, table: DictConfig) -> str:
         arms, names, notes = list(table.arms)[: self.spec.max_arms or None], {}, []
         scores: dict[str, list[dict[str, float]]] = {}
@@ -179,7 +222,7 @@ class _Study:
                 notes.append(f"- {arm.name}: {tried} -> {best:g}")
             for seed in self.spec.seeds:
                 picture = names[arm.name] if table.pictures and seed == self.spec.seeds[0] else None
-                run = [*overrides, *table.common, *self.spec.overrides, f"seed={seed}"]
+                run = [*overrides, *table.common, *self.extra, f"seed={seed}"]
                 name = f"{table.name}/{slug(names[arm.name])}/seed{seed}"
                 scores.setdefault(arm.name, []).append(self.score(name, run, table, table.splits, picture))
                 self.last[(arm.name, seed)] = self.done[tuple(run)][1]
@@ -188,11 +231,13 @@ class _Study:
             sweep = table.sweep
             text += f"\n{sweep.description} ({sweep.key}; {sweep.split} {sweep.score} by value):\n\n"
             text += "\n".join(notes) + "\n"
-        checked = [verdict(claim, scores) for claim in table.get("claims", [])]
-        verdicts = [v for v in checked if v]
-        if verdicts:
+        checked = [c for c in (check_claim(claim, scores) for claim in claims_of(table, arms)) if c]
+        if checked:
             text += "\nClaims (difference of means, Welch 95% interval; 'not separated' when it spans 0):\n\n"
-            text += "\n".join(verdicts) + "\n"
+            text += "\n".join(c.line() for c in checked) + "\n"
+            forest_plot(checked, self.pictures / f"{table.name}_claims.png", f"{table.title}: claims")
+            text += f"\n![claims of this table](results/{table.name}_claims.png)\n"
+        text += self.pictures_of(table, arms, names)
         if table.get("probe"):
             text += self.probe(table, arms, names)
         return text
