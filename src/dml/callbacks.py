@@ -151,7 +151,8 @@ class TrainingRecord(L.Callback):
       loss's own parameters (the class proxies). They are taken from the step's own graph when the term
       is computed (a backward pass through the loss only, not the network), so miners draw nothing more.
 
-    Kept in checkpoints: a resumed run goes on with the record it had.
+    Kept in checkpoints: a resumed run goes on with the record it had. Under DDP the gradients are rank
+    0's: its share of the loss and, with sharded proxies, its shard.
     """
 
     def __init__(self, path: str | Path, metric: str = "val/recall@1", gradient_every: int = 10):
@@ -207,6 +208,8 @@ class TrainingRecord(L.Callback):
         return measure
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if self._since is None:  # training goes on after a validation within the epoch
+            self._since = time.perf_counter()
         self.step = trainer.global_step
         last = trainer.estimated_stepping_batches - 1
         self._measure = bool(self.gradient_every) and (

@@ -82,9 +82,9 @@ def convergence_plot(records: dict[str, list[dict[str, Any]]], path: Path, title
     return save_figure(fig, path)
 
 
-def term_gradients(runs: Sequence[dict[str, Any]], term: str) -> dict[str, float]:
-    """The median over the runs of the gradient norm ``term`` sent (to the embeddings and the proxies
-    together) at the first measured step, the one nearest the middle and the last."""
+def term_gradients(runs: Sequence[dict[str, Any]], term: str, to: str) -> dict[str, float]:
+    """The median over the runs of the gradient norm ``term`` sent ``to`` the embeddings or the proxies
+    at the first measured step, the one nearest the middle and the last."""
     found: dict[str, list[float]] = {"start": [], "middle": [], "end": []}
     for run in runs:
         rows = [g for g in run["gradients"] if g["term"] == term]
@@ -93,46 +93,55 @@ def term_gradients(runs: Sequence[dict[str, Any]], term: str) -> dict[str, float
         steps = sorted({g["step"] for g in rows})
         middle = min(steps, key=lambda s: abs(s - steps[-1] / 2))
         for when, step in (("start", steps[0]), ("middle", middle), ("end", steps[-1])):
-            g = next(g for g in rows if g["step"] == step)
-            found[when].append(float(np.hypot(g["embeddings"], g["proxies"])))
+            found[when].append(float(next(g for g in rows if g["step"] == step)[to]))
     return {when: float(np.median(v)) for when, v in found.items() if v}
+
+
+BARS = (  # (whose, to what, colour, hatch)
+    ("base loss", "embeddings", "tab:blue", ""),
+    ("base loss", "proxies", "tab:blue", "//"),
+    ("AntiCo term", "embeddings", "tab:orange", ""),
+    ("AntiCo term", "proxies", "tab:orange", "//"),
+)
 
 
 def gradient_plot(
     records: dict[str, list[dict[str, Any]]], path: Path, title: str, term: str = "antico"
 ) -> Path:
-    """For each arm with a ``term``: the norm of the gradient the weighted term sent beside the base
-    loss's (the other terms together), at the start, middle and end of training, on a log scale."""
+    """For each arm with a ``term``: the norm of the gradient the weighted term sent to the batch
+    embeddings and to the proxies, beside the base loss's (the other terms; with several, their norms
+    are combined as if their gradients were orthogonal), at the start, middle and end of training, on a
+    log scale. A gradient to the proxies moves them by the proxies' learning rate, often 100x the
+    network's."""
     arms = {a: r for a, r in records.items() if any(g["term"] == term for run in r for g in run["gradients"])}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 0.45 * len(arms) + 1.8), sharey=True, sharex=True)
-    floor = 1e-14
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.7 * len(arms) + 2), sharey=True, sharex=True)
+    floor, height = 1e-14, 0.2
     for ax, when in zip(axes, ("start", "middle", "end"), strict=True):
         y = np.arange(len(arms))[::-1]
         for yi, runs in zip(y, arms.values(), strict=True):
             names = {g["term"] for run in runs for g in run["gradients"]} - {term}
-            base = np.hypot.reduce([term_gradients(runs, n).get(when, 0.0) for n in names] or [0.0])
-            extra = term_gradients(runs, term).get(when, 0.0)
-            ax.barh(
-                yi + 0.18,
-                max(base, floor),
-                height=0.34,
-                color="tab:blue",
-                label="base loss" if yi == y[0] else None,
-            )
-            ax.barh(
-                yi - 0.18,
-                max(extra, floor),
-                height=0.34,
-                color="tab:orange",
-                label="AntiCo term" if yi == y[0] else None,
-            )
+            for i, (whose, to, colour, hatch) in enumerate(BARS):
+                parts = [term] if whose == "AntiCo term" else sorted(names)
+                norm = float(
+                    np.hypot.reduce([term_gradients(runs, n, to).get(when, 0.0) for n in parts] or [0.0])
+                )
+                label = f"{whose}, to the {to}" if yi == y[0] else None
+                ax.barh(
+                    yi + (1.5 - i) * height,
+                    max(norm, floor),
+                    height=height,
+                    color=colour,
+                    hatch=hatch,
+                    edgecolor="white",
+                    label=label,
+                )
         ax.set_xscale("log")
         ax.set_xlim(left=floor)
         ax.set_title(f"{when} of training", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.set_yticks(y, [_short(a, 45) for a in arms], fontsize=8)
-    axes[0].legend(fontsize=8, loc="lower left")
-    axes[1].set_xlabel("gradient norm sent to the embeddings and proxies (median over seeds; log scale)")
+    axes[2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[1].set_xlabel("gradient norm of the weighted term (median over seeds; log scale; 1e-14 = none)")
     fig.suptitle(_wrap(title), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -127,11 +127,15 @@ def claims_of(table: DictConfig, arms: Sequence[DictConfig] | None = None) -> li
         if arm.get("baseline"):
             for metric, phrase in (table.get("claim_metrics") or {}).items():
                 text = f"{arm.name} {phrase} over {arm.baseline}"
-                claims.append(
-                    OmegaConf.create(
-                        {"text": text, "better": arm.name, "than": arm.baseline, "metric": metric}
-                    )
-                )
+                label = f"{arm.name}  vs  {arm.baseline}"
+                claim = {
+                    "text": text,
+                    "label": label,
+                    "better": arm.name,
+                    "than": arm.baseline,
+                    "metric": metric,
+                }
+                claims.append(OmegaConf.create(claim))
     if arms is not None:
         names = {a.name for a in arms}
         claims = [c for c in claims if c.better in names and c.than in names]

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
 
@@ -86,8 +87,10 @@ class _Study:
         if key not in self.done:
             self.done[key] = ({}, self._train(name, [*overrides, *RUN_SETTINGS]))
         row, last = self.done[key]
-        for split in splits:
-            if not any(k.startswith(f"{split}/") for k in row):
+        for split in splits:  # a run another table scored already is scored again for what it lacks
+            if not all(f"{split}/recall@{k}" in row for k in table.ks) or any(
+                f"{split}/nmi+{m}x" not in row for m in table.nmi_multiples
+            ):
                 scores = embed(last, split).scores(table.ks, table.nmi_multiples)
                 row |= {f"{split}/{k}": v for k, v in scores.items()}
         if picture:
@@ -145,6 +148,7 @@ class _Study:
     def sweep(self, table: DictConfig, arm: DictConfig) -> tuple[float, dict[float, float]]:
         """(chosen value, value -> validation score) of ``table.sweep`` for this arm's overrides."""
         sweep = table.sweep
+        splits = list(sweep.split) if isinstance(sweep.split, ListConfig) else [sweep.split]  # their mean
         own = arm.sweep if isinstance(arm.sweep, ListConfig) else None
         values = self.spec.get("sweep_values") or own or sweep["values"]
         found = {}
@@ -158,10 +162,10 @@ class _Study:
                 f"seed={sweep.seed}",
             ]
             name = f"{table.name}/sweep/{slug(arm.name)}/{sweep.key}={value}/seed{sweep.seed}"
-            found[float(value)] = self.score(name, overrides, table, [sweep.split])[
-                f"{sweep.split}/{sweep.score}"
-            ]
-        return max(found, key=found.__getitem__), found
+            row = self.score(name, overrides, table, splits)
+            found[float(value)] = float(np.mean([row[f"{split}/{sweep.score}"] for split in splits]))
+        # a run whose score is not a number (it diverged) is never the one chosen
+        return max(found, key=lambda v: -np.inf if np.isnan(found[v]) else found[v]), found
 
     def probe(self, table: DictConfig, arms: list, names: dict[str, str]) -> str:
         """The AntiCo term of each arm that has one, at the end of its first seed's run."""
@@ -229,11 +233,16 @@ class _Study:
         text = table_section(table, arms, names, scores)
         if notes:
             sweep = table.sweep
-            text += f"\n{sweep.description} ({sweep.key}; {sweep.split} {sweep.score} by value):\n\n"
+            where = " and ".join(sweep.split) if isinstance(sweep.split, ListConfig) else sweep.split
+            text += f"\n{sweep.description} ({sweep.key}; {where} {sweep.score} by value):\n\n"
             text += "\n".join(notes) + "\n"
         checked = [c for c in (check_claim(claim, scores) for claim in claims_of(table, arms)) if c]
         if checked:
-            text += "\nClaims (difference of means, Welch 95% interval; 'not separated' when it spans 0):\n\n"
+            text += (
+                "\nClaims (difference of means, Welch 95% interval; 'not separated' when it spans 0). Each "
+                f"interval is at 95% on its own: of these {len(checked)}, about {len(checked) / 20:.1f} would "
+                "come out held or did not hold by chance alone if no arm differed from its baseline.\n\n"
+            )
             text += "\n".join(c.line() for c in checked) + "\n"
             forest_plot(checked, self.pictures / f"{table.name}_claims.png", f"{table.title}: claims")
             text += f"\n![claims of this table](results/{table.name}_claims.png)\n"
