@@ -44,11 +44,14 @@ def write_zip(path: Path, files: dict[str, bytes]) -> None:
 
 
 def make_cub(
-    root: Path, per_class: int = 4, size: Callable[[int], int | tuple[int, int]] | None = None
+    root: Path,
+    per_class: int = 4,
+    size: Callable[[int], int | tuple[int, int]] | None = None,
+    train_classes: int = 3,
 ) -> dict:
-    """CUB_200_2011.tgz with classes 1-3 (train side) and 101-103 (test side); ``size``: each image's size
-    (see :func:`image_bytes`) from its number, 12 x 12 by default."""
-    classes = [1, 2, 3, 101, 102, 103]
+    """CUB_200_2011.tgz with classes 1-``train_classes`` (train side) and 101-103 (test side); ``size``:
+    each image's size (see :func:`image_bytes`) from its number, 12 x 12 by default."""
+    classes = [*range(1, train_classes + 1), 101, 102, 103]
     files, images, labels, seed = {}, [], [], 0
     for c in classes:
         folder = f"{c:03d}.Bird_{c}"
@@ -62,7 +65,11 @@ def make_cub(
     files["CUB_200_2011/image_class_labels.txt"] = ("\n".join(labels) + "\n").encode()
     files["CUB_200_2011/classes.txt"] = "".join(f"{c} {c:03d}.Bird_{c}\n" for c in classes).encode()
     write_tgz(root / "CUB_200_2011.tgz", files)
-    return {"train": (3 * per_class, 3), "test": (3 * per_class, 3), "num_train_classes": 3}
+    return {
+        "train": (train_classes * per_class, train_classes),
+        "test": (3 * per_class, 3),
+        "num_train_classes": train_classes,
+    }
 
 
 def make_cars(root: Path, per_class: int = 3) -> dict:

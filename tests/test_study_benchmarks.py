@@ -68,7 +68,7 @@ def test_each_arm_is_its_recipe_with_only_the_antico_term_changed(name, benchmar
 
 @pytest.mark.slow  # about twenty one-epoch trainings on a fixture
 def test_cub_quick_study_on_a_cub_layout_archive(tmp_path):
-    make_cub(tmp_path / "data" / "cub", per_class=6)
+    make_cub(tmp_path / "data" / "cub", per_class=6, train_classes=6)
     out = tmp_path / "report" / "results_cub.md"
     main(
         [

@@ -55,3 +55,22 @@ def test_gradient_norm_is_the_weighted_term_s(tmp_path):
     assert first[1]["triplet"]["embeddings"] == pytest.approx(first[0]["triplet"]["embeddings"], rel=1e-5)
     assert first[1]["antico"]["value"] == pytest.approx(first[0]["antico"]["value"], rel=1e-5)
     assert sorted({g["step"] for g in one["gradients"]}) == [0, one["epochs"][-1]["step"] - 1]
+
+
+def test_record_goes_on_after_a_resume(tmp_path):
+    """The record is the callback's checkpoint state: a run stopped in its second epoch and resumed from
+    last.ckpt keeps the first epoch's row and gradients and appends its own, its clock going on."""
+    from dml.runs import RunStopped
+
+    _, whole = record_of(tmp_path, "whole")
+    per_epoch = whole["epochs"][0]["step"]
+    stop = ["+callbacks.stop._target_=tests.crash.SignalAtStep", f"+callbacks.stop.step={per_epoch + 1}"]
+    with pytest.raises(RunStopped):
+        record_of(tmp_path, "r", *stop, "+callbacks.stop.signal=SIGTERM")
+    checkpoint = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=False)
+    (state,) = (v for k, v in checkpoint["callbacks"].items() if "TrainingRecord" in k)
+    assert [e["epoch"] for e in state["epochs"]] == [1] and state["seconds"] > 0
+    _, record = record_of(tmp_path, "r", "ckpt_path=last")
+    assert [e["epoch"] for e in record["epochs"]] == [1, 2]
+    assert record["epochs"][0] == state["epochs"][0] and record["epochs"][1]["seconds"] > state["seconds"]
+    assert [g["step"] for g in record["gradients"]] == [g["step"] for g in whole["gradients"]]
