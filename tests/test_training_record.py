@@ -57,6 +57,7 @@ def test_gradient_norm_is_the_weighted_term_s(tmp_path):
     assert sorted({g["step"] for g in one["gradients"]}) == [0, one["epochs"][-1]["step"] - 1]
 
 
+@pytest.mark.slow  # three short trainings, one stopped
 def test_record_goes_on_after_a_resume(tmp_path):
     """The record is the callback's checkpoint state: a run stopped in its second epoch and resumed from
     last.ckpt keeps the first epoch's row and gradients and appends its own, its clock going on."""
