@@ -242,7 +242,7 @@ def test_a_stopped_study_is_one_message_with_the_command_that_goes_on(
     said = capsys.readouterr().err
     assert exit_.value.code == code and "Traceback" not in said
     assert (
-        f"Go on from them with: python -m dml.study study=quick out=docs/results.md runs={tmp_path / 'runs'}"
+        f"Go on from them with: python -m dml.study study=quick out=logs/study/quick/results.md runs={tmp_path / 'runs'}"
         in said
     )
 
@@ -256,4 +256,7 @@ def test_a_bad_study_argument_is_one_message_with_the_usage(capsys, argument, sa
         main([argument])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and said in err and "Traceback" not in err
-    assert "usage: python -m dml.study [study=<full|quick>] [out=<report>] [runs=<folder>]" in err
+    assert (
+        "usage: python -m dml.study [study=<cars_antico|cub_antico|cub_antico_quick|full|quick>] [out=<report>] [runs=<folder>]"
+        in err
+    )

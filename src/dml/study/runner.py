@@ -206,8 +206,8 @@ class _Study:
             gradient_plot(records, self.pictures / f"{table.name}_gradients.png", table.title)
             text += (
                 "\nThe gradient each part of the loss sent (its weighted value's gradient norm, to the batch embeddings "
-                "and the proxies together), at the first step, the middle step and the last step of training; median "
-                "over the seeds:\n\n"
+                "and to the proxies, each bar on its own), at the first step, the middle step and the last step of "
+                "training; median over the seeds:\n\n"
                 f"![gradients](results/{table.name}_gradients.png)\n"
             )
         return text
