@@ -44,6 +44,11 @@ RUN_SETTINGS = [
 ]
 
 
+def _sweep_splits(sweep: DictConfig) -> list[str]:
+    """The split or splits a sweep is scored on (``split``: one name or a list)."""
+    return list(sweep.split) if isinstance(sweep.split, ListConfig) else [sweep.split]
+
+
 def run_study(spec: DictConfig, out: Path, runs_dir: Path) -> Path:
     """Train every arm of every table once per seed, score the last checkpoints, write ``out``.
 
@@ -148,7 +153,7 @@ class _Study:
     def sweep(self, table: DictConfig, arm: DictConfig) -> tuple[float, dict[float, float]]:
         """(chosen value, value -> validation score) of ``table.sweep`` for this arm's overrides."""
         sweep = table.sweep
-        splits = list(sweep.split) if isinstance(sweep.split, ListConfig) else [sweep.split]  # their mean
+        splits = _sweep_splits(sweep)  # scored by their mean
         own = arm.sweep if isinstance(arm.sweep, ListConfig) else None
         values = self.spec.get("sweep_values") or own or sweep["values"]
         found = {}
@@ -233,7 +238,7 @@ class _Study:
         text = table_section(table, arms, names, scores)
         if notes:
             sweep = table.sweep
-            where = " and ".join(sweep.split) if isinstance(sweep.split, ListConfig) else sweep.split
+            where = " and ".join(_sweep_splits(sweep))
             text += f"\n{sweep.description} ({sweep.key}; {where} {sweep.score} by value):\n\n"
             text += "\n".join(notes) + "\n"
         checked = [c for c in (check_claim(claim, scores) for claim in claims_of(table, arms)) if c]
